@@ -1,0 +1,1 @@
+"""BentoML scoring service with SHAP explanations, access control and an audit trail."""

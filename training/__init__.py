@@ -1,0 +1,1 @@
+"""Time-split training, calibration, evaluation, MLflow tracking and Model Registry promotion."""
