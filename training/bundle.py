@@ -71,6 +71,7 @@ class ModelBundle:
     label_delay_days: float = 0.0
     reference: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    data_path: str = ""  # training data the service seeds its entity history from (overridable)
 
     def matrix(self, features: pd.DataFrame) -> pd.DataFrame:
         """Model input frame: columns in training order, categoricals with the training levels."""
