@@ -87,11 +87,17 @@ class FeatureSet:
         out[T_COL] = to_seconds(labelled[self.time_col] + self.label_delay)
         return out
 
-    def build(self, events: pd.DataFrame, cases: pd.DataFrame | None = None) -> pd.DataFrame:
+    def build(
+        self, events: pd.DataFrame, cases: pd.DataFrame | None = None, progress: Callable[[int], None] | None = None
+    ) -> pd.DataFrame:
         """Point-in-time features for every event (batch executor), aligned with ``events``' rows."""
         prepared = self.prepare(events)
         sources = self.sources(events=prepared, labels=self.prepared_labels(events), cases=_empty_cases(cases))
-        parts = [prepared] + [spec.batch(sources, prepared) for spec in self.specs]
+        parts = [prepared]
+        for spec in self.specs:
+            parts.append(spec.batch(sources, prepared))
+            if progress is not None:
+                progress(1)
         frame = pd.concat(parts, axis=1)
         return self.derive(frame)[self.names].set_index(events.index)
 

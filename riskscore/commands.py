@@ -1,0 +1,140 @@
+"""Data commands of the CLI: generate, features, score (offline batch) and drift."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+import pandas as pd
+
+DOMAIN = click.option("--domain", type=click.Choice(["customs", "finance"]), required=True, help="Which model family.")
+
+
+@click.command("generate")
+@DOMAIN
+@click.option("--rows", type=click.IntRange(1_000), default=100_000, show_default=True, help="Events to generate.")
+@click.option("--seed", type=int, default=7, show_default=True, help="Random seed (same seed, same data).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output directory.")
+@click.option("--positive-rate", type=click.FloatRange(0.001, 0.2), default=0.03, show_default=True,
+              help="Share of events belonging to planted typologies.")
+def generate_cmd(domain: str, rows: int, seed: int, out_dir: str, positive_rate: float) -> None:
+    """Generate synthetic data in the project format with planted, labelled typologies."""
+    from features.synthetic import generate
+
+    path = generate(domain, rows, seed, out_dir, positive_rate=positive_rate, progress=True)
+    click.echo(f"wrote {rows:,} {domain} events to {path}")
+
+
+def _load(domain: str, path: str, label_delay_days: float | None = None):
+    from features.datasets import load_dataset
+
+    return load_dataset(domain, path, label_delay_days=label_delay_days)
+
+
+@click.command("features")
+@DOMAIN
+@click.option("--in", "in_path", type=click.Path(exists=True), required=True,
+              help="Project-format directory, public customs CSV(s) or AMLSim output directory.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), required=True, help="Output .parquet file.")
+@click.option("--label-delay-days", type=float, default=None, help="Days until an event's outcome is known.")
+def features_cmd(domain: str, in_path: str, out_file: str, label_delay_days: float | None) -> None:
+    """Build the point-in-time feature table (one row per event, id, time and label kept)."""
+    from features.domains import events_of, feature_set
+
+    fs = feature_set(domain, label_delay_days)
+    started = time.perf_counter()
+    data = _load(domain, in_path, label_delay_days)
+    events = events_of(data)
+    with click.progressbar(length=len(fs.specs), label="features") as bar:
+        table = fs.build(events, data.cases, progress=bar.update)
+    keep = [c for c in (fs.id_col, fs.time_col, fs.label_col) if c in events.columns]
+    out = pd.concat([events[keep].reset_index(drop=True), table.reset_index(drop=True)], axis=1)
+    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+    out.to_parquet(out_file, index=False)
+    click.echo(f"wrote {len(out):,} rows x {len(fs.names)} features to {out_file} "
+               f"in {time.perf_counter() - started:.1f}s")
+
+
+def _score_frame(domain: str, in_path: str, top_n: int):
+    """Champion bundle, version and explanations of every event in a file (history from training data)."""
+    from features.domains import events_of, feature_set
+    from training.registry import load_champion
+
+    bundle, info = load_champion(domain)
+    fs = feature_set(domain, bundle.label_delay_days)
+    new = events_of(_load(domain, in_path, bundle.label_delay_days))
+    history = _load(domain, bundle.data_path, bundle.label_delay_days) if bundle.data_path else None
+    if history is not None:
+        past = events_of(history)
+        past = past[~past[fs.id_col].isin(new[fs.id_col])]
+        allevents = pd.concat([past, new.drop(columns=[fs.label_col], errors="ignore")], ignore_index=True)
+        cases = history.cases
+    else:
+        allevents, cases = new.drop(columns=[fs.label_col], errors="ignore"), None
+    allevents = allevents.sort_values(fs.time_col, kind="stable", ignore_index=True)
+    feats = fs.build(allevents, cases)
+    is_new = allevents[fs.id_col].isin(new[fs.id_col]).to_numpy()
+    feats, ids = feats[is_new], allevents.loc[is_new, fs.id_col]
+    explanations = []
+    with click.progressbar(range(0, len(feats), 5000), label="scoring") as chunks:
+        for start in chunks:
+            explanations += bundle.explain(feats.iloc[start:start + 5000], top_n=top_n)
+    return bundle, info, ids, feats, explanations
+
+
+@click.command("score")
+@DOMAIN
+@click.option("--in", "in_path", type=click.Path(exists=True), required=True, help="Events to score (CSV/Parquet).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), required=True, help="Output .csv or .parquet.")
+@click.option("--top", "top_n", type=click.IntRange(1, 20), default=5, show_default=True, help="Reasons per item.")
+def score_cmd(domain: str, in_path: str, out_file: str, top_n: int) -> None:
+    """Batch-score a file offline with the registered champion: score, band, flag and top reasons."""
+    bundle, info, ids, _feats, explanations = _score_frame(domain, in_path, top_n)
+    rows = []
+    for event_id, exp in zip(ids, explanations, strict=True):
+        row = {"id": event_id, "score": exp.score, "band": exp.band, "flagged": exp.flagged,
+               "base_value": exp.base_value, "model_version": str(info.version)}
+        for rank, reason in enumerate(exp.reasons, start=1):
+            row[f"reason_{rank}"] = reason.label
+            row[f"reason_{rank}_value"] = None if reason.value is None else str(reason.value)
+            row[f"reason_{rank}_contribution"] = reason.contribution
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+    if out_file.endswith(".parquet"):
+        out.to_parquet(out_file, index=False)
+    else:
+        out.to_csv(out_file, index=False)
+    click.echo(f"scored {len(out):,} items with {bundle.domain} model v{info.version}: "
+               f"{int(out['flagged'].sum()):,} flagged -> {out_file}")
+
+
+@click.command("drift")
+@DOMAIN
+@click.option("--data", "in_path", type=click.Path(exists=True), default=None,
+              help="Recent events to compare (default: the service's recent scores in the audit store).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def drift_cmd(domain: str, in_path: str | None, as_json: bool) -> None:
+    """PSI of each feature and of the score against the champion's training reference."""
+    from training.drift import drift_report
+
+    if in_path:
+        bundle, _info, _ids, feats, explanations = _score_frame(domain, in_path, 1)
+        scores = [e.score for e in explanations]
+    else:
+        from serving.audit import AuditStore
+        from training.registry import load_champion
+
+        bundle, _info = load_champion(domain)
+        feats, scores = AuditStore.from_config().recent_features(domain)
+    if not len(feats):
+        raise click.ClickException("no recent events to compare: pass --data or score some items first")
+    report = drift_report(bundle.reference, feats, scores)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(orient="records"), indent=1))
+    else:
+        click.echo(report.head(20).to_string(index=False))
+    worst = report["status"].iloc[0]
+    click.echo({"retrain": "retraining is due", "watch": "drift to watch", "ok": "no drift"}[worst])

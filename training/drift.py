@@ -1,0 +1,77 @@
+"""Drift monitoring: population stability index (PSI) of features and scores against training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+BINS = 10
+PSI_WATCH = 0.1
+PSI_RETRAIN = 0.25
+_EPS = 1e-4
+
+
+def reference_profile(features: pd.DataFrame, scores: np.ndarray, categorical: list[str]) -> dict:
+    """Bins and shares of every feature and of the score on the training window (stored in the bundle)."""
+    profile: dict = {"features": {}, "rows": len(features)}
+    for col in features.columns:
+        profile["features"][col] = _profile(features[col], col in categorical)
+    profile["score"] = _profile(pd.Series(scores), False)
+    return profile
+
+
+def _profile(values: pd.Series, categorical: bool) -> dict:
+    if categorical:
+        shares = values.astype("object").fillna("<missing>").value_counts(normalize=True)
+        top = shares.head(50)
+        return {"kind": "categorical", "levels": [str(k) for k in top.index], "shares": top.tolist()}
+    numeric = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
+    finite = numeric[np.isfinite(numeric)]
+    edges = np.unique(np.quantile(finite, np.linspace(0, 1, BINS + 1)[1:-1])) if len(finite) else np.array([])
+    return {"kind": "numeric", "edges": edges.tolist(), "shares": _numeric_shares(numeric, edges).tolist()}
+
+
+def _numeric_shares(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    missing = ~np.isfinite(values)
+    bins = np.searchsorted(edges, values[~missing], side="right")
+    counts = np.bincount(bins, minlength=len(edges) + 1).astype(float)
+    counts = np.append(counts, missing.sum())
+    return counts / max(len(values), 1)
+
+
+def psi(expected: np.ndarray, actual: np.ndarray) -> float:
+    """Population stability index between two share vectors."""
+    e = np.clip(np.asarray(expected, float), _EPS, None)
+    a = np.clip(np.asarray(actual, float), _EPS, None)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def feature_psi(profile: dict, values: pd.Series) -> float:
+    """PSI of current values of one feature against its reference profile."""
+    if profile["kind"] == "categorical":
+        current = values.astype("object").fillna("<missing>").astype(str).value_counts(normalize=True)
+        expected = np.append(profile["shares"], max(0.0, 1 - sum(profile["shares"])))
+        actual = [current.get(level, 0.0) for level in profile["levels"]]
+        actual.append(max(0.0, 1 - sum(actual)))
+        return psi(expected, np.array(actual))
+    numeric = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
+    edges = np.asarray(profile["edges"])
+    expected = np.asarray(profile["shares"])
+    if len(expected) == len(edges) + 1:  # profiles without a missing bucket
+        expected = np.append(expected, 0.0)
+    return psi(expected, _numeric_shares(numeric, edges))
+
+
+def drift_report(profile: dict, features: pd.DataFrame, scores: np.ndarray) -> pd.DataFrame:
+    """PSI per feature and for the score, with a status: ok, watch (>= 0.1) or retrain (>= 0.25)."""
+    rows = [
+        {"name": col, "psi": feature_psi(prof, features[col])}
+        for col, prof in profile["features"].items()
+        if col in features.columns
+    ]
+    rows.append({"name": "score", "psi": feature_psi(profile["score"], pd.Series(scores))})
+    report = pd.DataFrame(rows)
+    report["status"] = np.select(
+        [report["psi"] >= PSI_RETRAIN, report["psi"] >= PSI_WATCH], ["retrain", "watch"], "ok"
+    )
+    return report.sort_values("psi", ascending=False, ignore_index=True)
