@@ -1,0 +1,95 @@
+"""Customs features: point-in-time correctness and batch/online parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from features.customs import feature_set
+from features.schemas import validate_table
+from tests.customs_data import cases_from, declarations
+
+
+@pytest.fixture(scope="module")
+def data():
+    decl = declarations()
+    validate_table(decl, "declarations", "fixture")
+    return decl, cases_from(decl, delay_days=3)
+
+
+def assert_same(a: pd.DataFrame, b: pd.DataFrame, categorical: list[str]) -> None:
+    assert list(a.columns) == list(b.columns)
+    for col in a.columns:
+        if col in categorical:
+            assert a[col].astype(object).fillna("<na>").tolist() == b[col].astype(object).fillna("<na>").tolist(), col
+        else:
+            np.testing.assert_allclose(a[col].to_numpy(float), b[col].to_numpy(float), rtol=1e-9, atol=1e-9,
+                                       equal_nan=True, err_msg=col)
+
+
+def test_one_row_per_event_and_named_features(data):
+    decl, cases = data
+    fs = feature_set(3)
+    feats = fs.build(decl, cases)
+    assert len(feats) == len(decl) and list(feats.columns) == fs.names
+    assert set(fs.categorical) <= set(fs.names)
+    assert all(fs.labels[n] for n in fs.names)
+
+
+def test_future_rows_and_cases_do_not_change_past_features(data):
+    decl, cases = data
+    fs = feature_set(3)
+    cut = decl["date"].quantile(0.6)
+    past = decl[decl["date"] < cut]
+    full = fs.build(decl, cases).loc[past.index]
+    only_past = fs.build(past, cases[cases["closed_at"] < cut])
+    assert_same(full, only_past, fs.categorical)
+
+
+def test_own_and_later_labels_never_leak(data):
+    decl, cases = data
+    fs = feature_set(3)
+    base = fs.build(decl, cases)
+    flipped = decl.copy()
+    later = flipped["date"] >= flipped["date"].iloc[700]
+    flipped.loc[later, "fraud"] = 1 - flipped.loc[later, "fraud"]
+    flipped_cases = cases_from(flipped, delay_days=3)
+    after = fs.build(flipped, flipped_cases)
+    # rows before the first flipped outcome became known are identical
+    known_from = flipped.loc[later, "date"].min() + pd.Timedelta(days=3)
+    unaffected = decl["date"] <= known_from
+    assert_same(base[unaffected], after[unaffected], fs.categorical)
+    assert not np.allclose(base.loc[~unaffected, "risk_origin"], after.loc[~unaffected, "risk_origin"])
+
+
+def test_price_norm_uses_only_earlier_declarations(data):
+    decl, _cases = data
+    fs = feature_set()
+    feats = fs.build(decl)
+    first_of_day = decl.groupby("hs6")["date"].transform("min") == decl["date"]
+    assert feats.loc[first_of_day, "hs6_prior_count"].eq(0).all()
+    assert feats.loc[first_of_day, "unit_price_dev_hs6"].isna().all()
+
+
+def test_online_equals_batch_for_each_new_event(data):
+    decl, cases = data
+    fs = feature_set(3)
+    batch = fs.build(decl, cases)
+    days = decl["date"].sort_values().unique()
+    start_day = days[int(len(days) * 0.8)]
+    history = decl[decl["date"] < start_day]
+    state = fs.online(history, cases[cases["closed_at"] < start_day])
+    labelled_until = start_day
+    for day in days[days >= start_day]:
+        # outcomes and cases whose time has come are ingested before the day's events are scored
+        state.ingest_cases(cases[(cases["closed_at"] >= labelled_until) & (cases["closed_at"] < day)])
+        known = decl["date"] + pd.Timedelta(days=3)  # history's outcomes were ingested with the seed
+        newly_known = decl[(decl["date"] >= start_day) & (known >= labelled_until) & (known < day)]
+        state.ingest_labels(newly_known)
+        labelled_until = day
+        todays = decl[decl["date"] == day]
+        for i in range(len(todays)):
+            event = todays.iloc[i : i + 1]
+            assert_same(state.features(event), batch.loc[event.index], fs.categorical)
+        state.ingest(todays)
