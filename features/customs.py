@@ -6,6 +6,8 @@ from their closing date (cases) or the declaration date plus the label delay (la
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
 
@@ -22,28 +24,35 @@ CATEGORICAL = (
 )
 
 
+def _text(values: pd.Series) -> np.ndarray:
+    """Object array of strings with None for missing values."""
+    arr = values.to_numpy(dtype=object, na_value=None)
+    return arr
+
+
 def prepare(decl: pd.DataFrame) -> pd.DataFrame:
     """Row-wise columns of a declaration (no history needed)."""
-    out = pd.DataFrame(index=decl.index)
+    out: dict[str, np.ndarray] = {}
     for col in (*CATEGORICAL[:-1], "declarant_id", "importer_id", "seller_id", "courier_id", "hs6"):
-        out[col] = decl[col].astype("string")
-    out["hs2"] = out["hs6"].str[:2]
-    out["hs4"] = out["hs6"].str[:4]
-    price = decl["item_price"].astype(float)
-    mass = decl["net_mass"].astype(float)
-    out["tax_rate"] = decl["tax_rate"].astype(float)
+        out[col] = _text(decl[col])
+    out["hs2"] = np.array([h[:2] if h else None for h in out["hs6"]], dtype=object)
+    out["hs4"] = np.array([h[:4] if h else None for h in out["hs6"]], dtype=object)
+    price = decl["item_price"].to_numpy(np.float64)
+    mass = decl["net_mass"].to_numpy(np.float64)
+    out["tax_rate"] = decl["tax_rate"].to_numpy(np.float64)
     out["log_price"] = np.log1p(price)
     out["log_mass"] = np.log1p(mass)
-    out["log_unit_price"] = np.log1p(price) - np.log1p(mass)
+    out["log_unit_price"] = out["log_price"] - out["log_mass"]
     out["log_unit_price_sq"] = out["log_unit_price"] ** 2
-    out["route_differs"] = (decl["country_departure"] != decl["country_origin"]).astype(float)
-    out["has_courier"] = decl["courier_id"].notna().astype(float)
-    out["has_seller"] = decl["seller_id"].notna().astype(float)
-    out["weekday"] = pd.to_datetime(decl["date"]).dt.weekday.astype(float)
-    out["fraud"] = decl["fraud"].astype(float) if "fraud" in decl else np.nan
-    out["all"] = "all"
-    out[T_COL] = to_seconds(decl["date"])
-    return out
+    out["route_differs"] = (out["country_departure"] != out["country_origin"]).astype(np.float64)
+    out["has_courier"] = np.array([v is not None for v in out["courier_id"]], dtype=np.float64)
+    out["has_seller"] = np.array([v is not None for v in out["seller_id"]], dtype=np.float64)
+    t = to_seconds(decl["date"])
+    out["weekday"] = ((t // DAY + 3) % 7).astype(np.float64)
+    out["fraud"] = decl["fraud"].to_numpy(np.float64, na_value=np.nan) if "fraud" in decl else np.full(len(t), np.nan)
+    out["all"] = np.full(len(t), "all", dtype=object)
+    out[T_COL] = t
+    return pd.DataFrame(out, index=decl.index)
 
 
 def sources(events=None, labels=None, cases=None) -> dict[str, pd.DataFrame]:
@@ -103,24 +112,28 @@ SPECS = [
 ]
 
 
-def _rate(num: pd.Series, den: pd.Series, prior: pd.Series, m: float = SMOOTHING) -> pd.Series:
+def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, NaN where den is 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _rate(num: np.ndarray, den: np.ndarray, prior: np.ndarray, m: float = SMOOTHING) -> np.ndarray:
     return (num + prior * m) / (den + m)
 
 
-def _price_z(f: pd.DataFrame, norm: str) -> tuple[pd.Series, pd.Series]:
+def _price_z(f: Mapping[str, np.ndarray], norm: str) -> tuple[np.ndarray, np.ndarray]:
     n = f[f"{norm}_n"]
-    mean = f[f"{norm}_log_unit_price"] / n.where(n > 0)
-    var = f[f"{norm}_log_unit_price_sq"] / n.where(n > 0) - mean**2
-    std = np.sqrt(var.clip(lower=0.0)) + 0.25
+    mean = _div(f[f"{norm}_log_unit_price"], n)
+    var = _div(f[f"{norm}_log_unit_price_sq"], n) - mean**2
+    std = np.sqrt(np.clip(var, 0.0, None)) + 0.25
     dev = f["log_unit_price"] - mean
     return dev, dev / std
 
 
-def derive(f: pd.DataFrame) -> pd.DataFrame:
+def derive(f: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Model inputs from a declaration's own columns and its point-in-time aggregates."""
-    out = pd.DataFrame(index=f.index)
-    for col in CATEGORICAL:
-        out[col] = f[col]
+    out = {col: f[col] for col in CATEGORICAL}
     for col in ("tax_rate", "log_price", "log_mass", "log_unit_price", "route_differs", "has_courier",
                 "has_seller", "weekday"):
         out[col] = f[col]
@@ -129,7 +142,7 @@ def derive(f: pd.DataFrame) -> pd.DataFrame:
         out[f"{ent}_count_30d"] = f[f"{ent}_30d_n"]
         out[f"{ent}_days_since_first"] = f[f"{ent}_since_first"] / DAY
         out[f"{ent}_days_since_last"] = f[f"{ent}_since_last"] / DAY
-        out[f"{ent}_price_vs_history"] = f["log_price"] - f[f"{ent}_log_price"] / f[f"{ent}_n"].where(f[f"{ent}_n"] > 0)
+        out[f"{ent}_price_vs_history"] = f["log_price"] - _div(f[f"{ent}_log_price"], f[f"{ent}_n"])
         out[f"{ent}_cases"] = f[f"{ent}_case_n"]
         out[f"{ent}_confirmed_cases"] = f[f"{ent}_case_confirmed"]
     prior = (f["risk_all_fraud"] + 1.0) / (f["risk_all_n"] + 2.0)
@@ -141,10 +154,9 @@ def derive(f: pd.DataFrame) -> pd.DataFrame:
     out["importer_distinct_sellers"] = f["importer_sellers"]
     out["importer_distinct_declarants"] = f["importer_declarants"]
     out["seller_distinct_importers"] = f["seller_importers"]
-    out["importer_new_hs6"] = (f["importer_hs6_hist_n"] == 0).astype(float)
-    hist_n = f["importer_hs6_hist_n"]
-    out["unit_price_vs_own_history"] = f["log_unit_price"] - f["importer_hs6_hist_log_unit_price"] / hist_n.where(
-        hist_n > 0)
+    out["importer_new_hs6"] = (f["importer_hs6_hist_n"] == 0).astype(np.float64)
+    out["unit_price_vs_own_history"] = f["log_unit_price"] - _div(
+        f["importer_hs6_hist_log_unit_price"], f["importer_hs6_hist_n"])
     for norm, label in (("norm_hs6", "hs6"), ("norm_hs6_origin", "hs6_origin"), ("norm_hs4", "hs4")):
         dev, z = _price_z(f, norm)
         out[f"unit_price_dev_{label}"] = dev
