@@ -1,0 +1,271 @@
+"""Loaders: public customs CSVs, AMLSim output, project format, strict errors and derived cases."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from features.datasets import (
+    CustomsData,
+    FinanceData,
+    derive_cases,
+    load_dataset,
+    save_dataset,
+)
+from features.schemas import DataValidationError, validate_table
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CUSTOMS_CSV = FIXTURES / "customs_public_sample.csv"
+AMLSIM_DIR = FIXTURES / "amlsim_sample"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _raw(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+@pytest.fixture(scope="module")
+def customs() -> CustomsData:
+    return load_dataset("customs", CUSTOMS_CSV)
+
+
+@pytest.fixture(scope="module")
+def finance() -> FinanceData:
+    return load_dataset("finance", AMLSIM_DIR)
+
+
+# ------------------------------------------------------------------------------------------ public customs
+
+
+def test_public_customs_file(customs: CustomsData) -> None:
+    raw = _raw(CUSTOMS_CSV)
+    decl = customs.declarations
+    assert len(decl) == len(raw) == 300
+    assert str(decl["date"].dtype) == "datetime64[ns]"
+    assert decl["item_price"].dtype == "float64" and str(decl["fraud"].dtype) == "Int8"
+    assert decl["hs6"].str.fullmatch(r"\d{6}").all()
+    assert int(decl["fraud"].sum()) == (raw["Fraud"] == "1").sum()
+    assert decl["seller_id"].isna().sum() == (raw["Seller ID"] == "").sum() > 0
+    assert decl["courier_id"].isna().sum() == (raw["Courier ID"] == "").sum()
+    assert "revenue" not in decl
+    assert set(decl["declaration_id"]) == set(raw["Declaration ID"])
+    keys = list(zip(decl["date"], decl["declaration_id"], strict=True))
+    assert keys == sorted(keys)
+
+
+def test_public_customs_directory_and_zero_padding(tmp_path: Path) -> None:
+    raw = _raw(CUSTOMS_CSV)
+    raw.iloc[:200].to_csv(tmp_path / "df_syn_train_eng.csv", index=False)
+    valid = raw.iloc[200:].copy()
+    valid.loc[valid.index[0], "HS6 Code"] = "71080"
+    valid.to_csv(tmp_path / "df_syn_valid_eng.csv", index=False)
+    data = load_dataset("customs", tmp_path)
+    assert len(data.declarations) == 300
+    row = data.declarations.set_index("declaration_id").loc[valid["Declaration ID"].iloc[0]]
+    assert row["hs6"] == "071080"
+
+
+# ------------------------------------------------------------------------------------------ AMLSim
+
+
+def test_amlsim_loader(finance: FinanceData) -> None:
+    nodes, raw = _raw(AMLSIM_DIR / "nodes.csv"), _raw(AMLSIM_DIR / "transactions.csv")
+    tx, acc = finance.transactions, finance.accounts
+    assert len(tx) == len(raw) and len(acc) == len(nodes)
+    assert (tx["currency"] == "USD").all() and (tx["channel"] == "wire").all() and (acc["country"] == "US").all()
+    assert tx["transaction_id"].is_unique
+    # timestamp = 2020-01-01 + step days, kept per row through the sort
+    steps = raw["time"].astype(int).to_numpy()
+    by_id = tx.set_index(tx["transaction_id"].astype(int)).sort_index()
+    expected = pd.Timestamp("2020-01-01") + pd.to_timedelta(steps, unit="D")
+    assert (by_id["timestamp"].to_numpy() == expected.to_numpy()).all()
+    assert tx["timestamp"].is_monotonic_increasing
+    fraud = set(nodes.loc[nodes["isFraud"] == "1", "nodeid"])
+    both = raw["sourceNodeId"].isin(fraud) & raw["targetNodeId"].isin(fraud)
+    assert (by_id["is_laundering"].to_numpy() == both.to_numpy().astype(int)).all()
+    assert int(tx["is_laundering"].sum()) == both.sum() > 0
+    assert int(acc["is_fraud"].sum()) == len(fraud)
+    assert np.allclose(acc["init_balance"], nodes["init_balance"].astype(float))
+
+
+def test_amlsim_derived_cases(finance: FinanceData) -> None:
+    tx, cases = finance.transactions, finance.cases
+    bad = tx[tx["is_laundering"] == 1]
+    accounts = set(bad["source_account"]) | set(bad["target_account"])
+    assert set(cases["entity_id"]) == accounts and cases["entity_id"].is_unique
+    assert (cases["outcome"] == "confirmed").all() and (cases["entity_kind"] == "account").all()
+    assert (cases["closed_at"] - cases["opened_at"] == pd.Timedelta(days=30)).all()
+    first = pd.concat([bad[["source_account", "timestamp"]].set_axis(["a", "t"], axis=1),
+                       bad[["target_account", "timestamp"]].set_axis(["a", "t"], axis=1)]).groupby("a")["t"].min()
+    assert (cases.set_index("entity_id")["opened_at"].sort_index() == first.sort_index()).all()
+
+
+def test_amlsim_newer_spelling(tmp_path: Path) -> None:
+    pd.DataFrame({"acct_id": ["a1", "a2", "a3"], "dsply_nm": ["x", "y", "z"], "initial_deposit": ["10", "20", "30"],
+                  "is_sar": ["True", "False", "True"]}).to_csv(tmp_path / "accounts.csv", index=False)
+    pd.DataFrame({
+        "tran_id": ["7", "8", "9"], "orig_acct": ["a1", "a2", "a3"], "bene_acct": ["a2", "a3", "a1"],
+        "tx_type": ["TRANSFER"] * 3, "base_amt": ["5.5", "6", "7"],
+        "tran_timestamp": ["2017-01-02T00:00:00Z", "2017-01-01T00:00:00Z", "2017-01-03T00:00:00Z"],
+        "is_sar": ["False", "False", "True"], "alert_id": ["-1", "-1", "4"],
+    }).to_csv(tmp_path / "transactions.csv", index=False)
+    data = load_dataset("finance", tmp_path)
+    tx = data.transactions
+    assert list(tx["transaction_id"]) == ["8", "7", "9"]
+    assert tx["timestamp"].iloc[0] == pd.Timestamp("2017-01-01")
+    assert list(tx["is_laundering"]) == [0, 0, 1]
+    assert list(data.accounts["is_fraud"]) == [1, 0, 1]
+    assert set(data.cases["entity_id"]) == {"a3", "a1"}
+
+
+# ------------------------------------------------------------------------------------------ project format
+
+
+def test_project_round_trip(tmp_path: Path, customs: CustomsData, finance: FinanceData) -> None:
+    for name, data in (("customs", customs), ("finance", finance)):
+        back = load_dataset(name, save_dataset(data, tmp_path / name))
+        assert type(back) is type(data)
+        for field in data.__dataclass_fields__:
+            pd.testing.assert_frame_equal(getattr(back, field), getattr(data, field), check_like=True)
+
+
+def test_project_csv_and_chunked_parquet(tmp_path: Path, customs: CustomsData) -> None:
+    decl = customs.declarations
+    (tmp_path / "csv").mkdir()
+    decl.to_csv(tmp_path / "csv" / "declarations.csv", index=False, date_format="%Y-%m-%d")
+    back = load_dataset("customs", tmp_path / "csv")
+    pd.testing.assert_frame_equal(back.declarations, decl)
+    parts = tmp_path / "pq" / "declarations"
+    parts.mkdir(parents=True)
+    rev = decl.iloc[::-1]
+    for i, chunk in enumerate((rev.iloc[:100], rev.iloc[100:200], rev.iloc[200:])):  # out of order on purpose
+        chunk.to_parquet(parts / f"part-{i:05d}.parquet", index=False)
+    back = load_dataset("customs", tmp_path / "pq")
+    pd.testing.assert_frame_equal(back.declarations, decl)
+
+
+@pytest.fixture
+def finance_csv(tmp_path: Path, finance: FinanceData) -> tuple[Path, pd.DataFrame]:
+    tx = finance.transactions.head(20).astype(str)
+    finance.accounts.to_csv(tmp_path / "accounts.csv", index=False)
+    return tmp_path, tx
+
+
+def _write_and_load(folder: Path, tx: pd.DataFrame) -> str:
+    tx.to_csv(folder / "transactions.csv", index=False)
+    with pytest.raises(DataValidationError) as err:
+        load_dataset("finance", folder)
+    return str(err.value)
+
+
+def test_strict_missing_column(finance_csv) -> None:
+    folder, tx = finance_csv
+    msg = _write_and_load(folder, tx.drop(columns=["amount"]))
+    assert "transactions.csv" in msg and "amount" in msg and "missing" in msg
+
+
+@pytest.mark.parametrize(("column", "value", "reason"), [
+    ("amount", "12,5x", "not a number"),
+    ("timestamp", "2020-13-45", "unparsable date"),
+    ("amount", "-5", ">= 0"),
+    ("source_country", "USA", "2-letter"),
+])
+def test_strict_bad_value(finance_csv, column: str, value: str, reason: str) -> None:
+    folder, tx = finance_csv
+    tx.loc[2, column] = value
+    msg = _write_and_load(folder, tx)
+    assert "transactions.csv" in msg and "row 3" in msg and f"column '{column}'" in msg and reason in msg
+
+
+def test_strict_duplicate_id(finance_csv) -> None:
+    folder, tx = finance_csv
+    tx.loc[5, "transaction_id"] = tx.loc[1, "transaction_id"]
+    msg = _write_and_load(folder, tx)
+    assert "transactions.csv" in msg and "row" in msg and "column 'transaction_id'" in msg and "duplicate" in msg
+
+
+def test_parquet_wrong_type(tmp_path: Path, finance: FinanceData) -> None:
+    finance.accounts.to_parquet(tmp_path / "accounts.parquet", index=False)
+    finance.transactions.astype({"amount": str}).to_parquet(tmp_path / "transactions.parquet", index=False)
+    with pytest.raises(DataValidationError, match=r"transactions\.parquet.*column 'amount'"):
+        load_dataset("finance", tmp_path)
+
+
+def test_unknown_format(tmp_path: Path) -> None:
+    (tmp_path / "something.txt").write_text("hello")
+    for domain in ("customs", "finance"):
+        with pytest.raises(ValueError, match="looked for") as err:
+            load_dataset(domain, tmp_path)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="unknown domain"):
+        load_dataset("weather", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ cases
+
+
+def test_derived_customs_cases(customs: CustomsData) -> None:
+    decl = customs.declarations
+    cases = derive_cases("customs", decl, label_delay_days=5)
+    validate_table(cases, "cases", "test")
+    assert cases["case_id"].is_unique
+    assert (cases["closed_at"] >= cases["opened_at"]).all()
+    assert (cases["closed_at"] - cases["opened_at"] == pd.Timedelta(days=5)).all()
+    n_fraud = int(decl["fraud"].sum())
+    for kind, col in (("importer", "importer_id"), ("declarant", "declarant_id"), ("seller", "seller_id")):
+        sub = cases[cases["entity_kind"] == kind]
+        has = decl[col].notna()
+        assert len(sub) == has.sum()
+        assert (sub["outcome"] == "confirmed").sum() == int(decl.loc[has, "fraud"].sum())
+    assert (cases[cases["entity_kind"] == "importer"]["outcome"] == "confirmed").sum() == n_fraud
+    default = customs.cases  # label delay 0: known from the next point in time on
+    assert (default["closed_at"] == default["opened_at"]).all() and len(default) == len(cases)
+
+
+def test_cases_file_merged_with_derived(tmp_path: Path, customs: CustomsData) -> None:
+    decl = customs.declarations
+    decl.to_parquet(tmp_path / "declarations.parquet", index=False)
+    first = decl.iloc[0]
+    own = pd.DataFrame({
+        "case_id": ["R1", f"importer:{first['declaration_id']}"], "entity_kind": ["importer", "importer"],
+        "entity_id": ["SOMEONE", first["importer_id"]],
+        "opened_at": ["2019-05-01", str(first["date"].date())], "closed_at": ["2019-06-01", "2020-02-01"],
+        "outcome": ["confirmed", "confirmed"], "source": ["reviewer", "reviewer"], "note": ["old", "late verdict"],
+    })
+    own.to_csv(tmp_path / "cases.csv", index=False)
+    cases = load_dataset("customs", tmp_path).cases
+    assert len(cases) == len(customs.cases) + 1  # one derived case replaced by the reviewer's
+    assert cases["case_id"].is_unique
+    mine = cases.set_index("case_id").loc[f"importer:{first['declaration_id']}"]
+    assert mine["source"] == "reviewer" and mine["closed_at"] == pd.Timestamp("2020-02-01")
+
+
+def test_unlabelled_data_has_no_cases(tmp_path: Path, customs: CustomsData) -> None:
+    customs.declarations.drop(columns=["fraud", "critical_fraud"]).to_parquet(tmp_path / "declarations.parquet")
+    data = load_dataset("customs", tmp_path)
+    assert len(data.cases) == 0 and list(data.cases.columns)[:6] == [
+        "case_id", "entity_kind", "entity_id", "opened_at", "closed_at", "outcome"]
+
+
+# ------------------------------------------------------------------------------------------ shared data
+
+
+@pytest.mark.shared
+def test_shared_public_files(tmp_path: Path) -> None:
+    train = SHARED / "customs-declarations" / "df_syn_train_eng.csv"
+    amlsim = SHARED / "amlsim-20k-fanin"
+    if not train.exists() or not (amlsim / "nodes.csv").exists():
+        pytest.skip("shared data (../shared/data) is not available")
+    data = load_dataset("customs", train)
+    assert len(data.declarations) == 37_385
+    assert data.declarations["declaration_id"].is_unique
+    (tmp_path / "only_train").mkdir()
+    shutil.copy(train, tmp_path / "only_train" / train.name)
+    assert len(load_dataset("customs", tmp_path / "only_train").declarations) == 37_385
+    fin = load_dataset("finance", amlsim)
+    assert len(fin.transactions) == 118_250 and len(fin.accounts) == 20_000
+    assert int(fin.accounts["is_fraud"].sum()) == 954
