@@ -28,13 +28,17 @@ T_COL = "_t"
 
 
 class OnlineExecutor(Protocol):
+    """Executors of multi-source specs also accept ``source=<name>`` telling which source ``rows`` came from."""
+
     def ingest(self, rows: pd.DataFrame, t_col: str = T_COL) -> None: ...
     def query(self, key: tuple, t: int) -> list[float]: ...
 
 
 class SpecLike(Protocol):
+    """A point-in-time spec; ``source`` is one source name, or a tuple of names for a multi-source spec."""
+
     name: str
-    source: str
+    source: str | tuple[str, ...]
 
     @property
     def qkeys(self) -> tuple[str, ...]: ...
@@ -137,9 +141,15 @@ class OnlineFeatures:
 
     def _route(self, sources: dict[str, pd.DataFrame]) -> None:
         for spec, ex in zip(self.fs.specs, self.executors, strict=True):
-            rows = sources.get(spec.source)
-            if rows is not None and len(rows):
-                ex.ingest(rows)
+            if isinstance(spec.source, str):
+                rows = sources.get(spec.source)
+                if rows is not None and len(rows):
+                    ex.ingest(rows)
+                continue
+            for name in spec.source:  # multi-source spec: say where the rows come from
+                rows = sources.get(name)
+                if rows is not None and len(rows):
+                    ex.ingest(rows, source=name)
 
     def ingest(self, events: pd.DataFrame) -> None:
         """Add events (e.g. each scored item) to the history."""
