@@ -75,16 +75,7 @@ class ModelBundle:
 
     def matrix(self, features: pd.DataFrame) -> pd.DataFrame:
         """Model input frame: columns in training order, categoricals with the training levels."""
-        missing = [c for c in self.feature_names if c not in features.columns]
-        if missing:
-            raise ValueError(f"features missing for the model: {', '.join(missing)}")
-        out = features[self.feature_names].copy()
-        for col, levels in self.categorical.items():
-            out[col] = pd.Categorical(out[col].astype("object"), categories=levels)
-        for col in self.feature_names:
-            if col not in self.categorical:
-                out[col] = pd.to_numeric(out[col], errors="raise").astype(np.float64)
-        return out
+        return model_matrix(features, self.feature_names, self.categorical)
 
     def raw_margin(self, features: pd.DataFrame) -> np.ndarray:
         return self.booster.predict(self.matrix(features), raw_score=True)
@@ -154,6 +145,23 @@ class ModelBundle:
         if booster.feature_name() != bundle.feature_names:
             raise ValueError("model bundle is inconsistent: booster features differ from the bundle's list")
         return bundle
+
+
+def model_matrix(features: pd.DataFrame, feature_names: list[str], categorical: dict[str, list[str]]) -> pd.DataFrame:
+    """Model input frame: ``feature_names`` in order, categoricals with the given levels, numerics as float64.
+
+    Shared by training and :meth:`ModelBundle.matrix` so both feed LightGBM the same encoding.
+    """
+    missing = [c for c in feature_names if c not in features.columns]
+    if missing:
+        raise ValueError(f"features missing for the model: {', '.join(missing)}")
+    out = features[feature_names].copy()
+    for col, levels in categorical.items():
+        out[col] = pd.Categorical(out[col].astype("object"), categories=levels)
+    for col in feature_names:
+        if col not in categorical:
+            out[col] = pd.to_numeric(out[col], errors="raise").astype(np.float64)
+    return out
 
 
 def _plain(value):

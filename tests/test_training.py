@@ -1,0 +1,238 @@
+"""Training pipeline end to end on small synthetic data: tracking, registry rule, reproducibility, guards."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from features.synthetic import generate
+from training.calibrate import sigmoid
+from training.cli import evaluate_cmd, promote_cmd, train_cmd
+from training.lgbm import LGBMConfig
+from training.pipeline import TrainConfig, load_config, train
+from training.registry import NoChampionError, load_champion, promote
+from training.split import time_split
+
+FIXTURES = Path(__file__).parent / "fixtures"
+NAME = "riskscore-customs"
+FAST = LGBMConfig(learning_rate=0.1, num_leaves=31, max_bin=255, num_boost_round=300, early_stopping_rounds=30,
+                  imbalance="scale_pos_weight")
+CONFIG = TrainConfig(seed=0, num_threads=2, shap_sample=200, quiet=True, lgbm=FAST)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A private MLflow sqlite store + artifact root for this module."""
+    home = tmp_path_factory.mktemp("riskscore_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RISKSCORE_HOME", str(home))
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow.db")
+        mp.setenv("RISKSCORE_ARTIFACT_ROOT", (home / "artifacts").as_uri())
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        mp.delenv("RISKSCORE_MODEL_CUSTOMS", raising=False)
+        yield home
+
+
+@pytest.fixture(scope="module")
+def customs_dir(tmp_path_factory) -> Path:
+    return generate("customs", 4000, seed=3, out_dir=tmp_path_factory.mktemp("customs"), positive_rate=0.1,
+                    progress=False)
+
+
+@pytest.fixture(scope="module")
+def first(store, customs_dir):
+    return train("customs", customs_dir, config=CONFIG)
+
+
+@pytest.fixture(scope="module")
+def second(first, customs_dir):
+    return train("customs", customs_dir, config=CONFIG)
+
+
+@pytest.fixture(scope="module")
+def worse(second, customs_dir):
+    return train("customs", customs_dir, config=replace(CONFIG, lgbm=replace(FAST, num_boost_round=1)))
+
+
+def client() -> MlflowClient:
+    return MlflowClient()
+
+
+# ---------------------------------------------------------------------------------------------- split
+
+
+def test_time_split_never_splits_a_timestamp():
+    days = [f"2024-01-0{d}" for d, n in zip(range(1, 6), (3, 4, 3, 4, 6), strict=True) for _ in range(n)]
+    shuffled = pd.Series(pd.to_datetime(days)).sample(frac=1.0, random_state=1).reset_index(drop=True)
+    sp = time_split(shuffled, fractions=(0.3, 0.2, 0.2, 0.3))  # cut positions 6, 10, 14 fall inside days 2, 4, 5
+    assert sp.sizes() == {"train": 3, "validation": 7, "calibration": 4, "test": 6}
+    seen: dict = {}
+    for name, pos in sp.windows.items():
+        for t in shuffled.iloc[pos]:
+            assert seen.setdefault(t, name) == name, f"{t} is in two windows"
+    with pytest.raises(ValueError, match="empty"):
+        time_split(pd.Series(pd.to_datetime(["2024-01-01"] * 10)))
+
+
+def test_time_split_by_dates_is_ordered():
+    times = pd.Series(pd.date_range("2024-01-01", periods=100, freq="D"))
+    sp = time_split(times, dates=["2024-02-01", "2024-03-01", "2024-03-15"])
+    assert sp.sizes() == {"train": 31, "validation": 29, "calibration": 14, "test": 26}
+    assert sp.ranges["validation"][0] == pd.Timestamp("2024-02-01")
+    assert max(sp["train"]) < min(sp["validation"]) < min(sp["test"])
+
+
+def test_load_config_from_toml(tmp_path):
+    path = tmp_path / "train.toml"
+    path.write_text('domain = "customs"\ncapacity = 0.02\ntarget-precision = 0.9\n[lgbm]\nnum_leaves = 15\n')
+    cfg = load_config(path, seed=7, capacity=None)
+    assert (cfg.capacity, cfg.target_precision, cfg.seed, cfg.lgbm.num_leaves) == (0.02, 0.9, 7, 15)
+    path.write_text("nonsense = 1\n")
+    with pytest.raises(ValueError, match="nonsense"):
+        load_config(path)
+
+
+# ---------------------------------------------------------------------------------------------- tracking
+
+
+def test_first_run_is_tracked_and_becomes_champion(first):
+    run = client().get_run(first.run_id)
+    metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
+    for key in ("test_pr_auc", "test_roc_auc", "test_precision_at_1pct", "test_precision_at_5pct",
+                "test_recall_at_10pct", "test_brier", "test_revenue_share_at_5pct", "validation_pr_auc",
+                "baseline_test_pr_auc", "lgbm_raw_test_pr_auc", "brier_calibrated", "brier_uncalibrated",
+                "threshold", "promoted", "promotion_challenger_pr_auc"):
+        assert key in metrics, key
+    assert any(k.startswith("test_recall_") and "undervaluation" in k for k in metrics)  # per-typology recall
+    assert params["seed"] == "0" and params["capacity"] == "0.05" and "chosen.num_leaves" in params
+    assert len(tags["data_fingerprint"]) == 64 and tags["git_commit"]
+    assert tags["feature_set_version"] == first.fs.version
+    for window in ("train", "validation", "calibration", "test"):
+        assert int(tags[f"rows_{window}"]) == len(first.split[window]) > 0
+        assert " .. " in tags[f"window_{window}"]
+    assert tags["promotion_decision"] == "promoted"
+    report = {Path(a.path).name for a in client().list_artifacts(first.run_id, "report")}
+    assert {"features.md", "shap_summary.png", "shap_importance.csv", "pr_curve.png", "calibration.png",
+            "confusion_matrix.png", "model_card.md"} <= report
+    info = mlflow.models.get_model_info(f"models:/{NAME}/{first.model_version}")
+    assert info.signature is not None and info.saved_input_example_info is not None
+    mv = client().get_model_version(NAME, first.model_version)
+    assert {"champion", "challenger"} <= set(mv.aliases)
+    assert mv.tags["promotion_decision"] == "promoted"
+
+
+def test_calibration_beats_sigmoid_of_raw_margin(first):
+    _, y = first.window("test")
+    full = first.models["full"]
+    brier_raw = np.mean((sigmoid(full.margins["test"]) - y) ** 2)
+    brier_cal = np.mean((full.scores["test"] - y) ** 2)
+    assert brier_cal < brier_raw
+    assert first.bundle.metrics["brier_calibrated"] == pytest.approx(brier_cal)
+
+
+def test_load_champion_round_trip(first):
+    bundle, mv = load_champion("customs")
+    assert str(mv.version) == first.model_version
+    X, _ = first.window("test")
+    np.testing.assert_allclose(bundle.predict(X), first.bundle.predict(X), rtol=0, atol=1e-12)
+    assert bundle.threshold == first.bundle.threshold and bundle.bands == first.bundle.bands
+    assert bundle.explain(X.head(2))[0].reasons
+
+
+def test_no_champion_is_a_clear_error(store, monkeypatch):
+    monkeypatch.setenv("RISKSCORE_MODEL_FINANCE", "riskscore-finance-empty")
+    with pytest.raises(NoChampionError, match="no champion"):
+        load_champion("finance")
+
+
+# ---------------------------------------------------------------------------------------------- registry rule
+
+
+def test_identical_rerun_is_reproducible_and_stays_challenger(first, second):
+    assert second.fingerprint == first.fingerprint
+    assert second.metrics == first.metrics
+    assert second.model_version != first.model_version
+    assert second.promotion["decision"] == "challenger"
+    assert str(client().get_model_version_by_alias(NAME, "champion").version) == first.model_version
+    assert str(client().get_model_version_by_alias(NAME, "challenger").version) == second.model_version
+
+
+def test_worse_model_is_not_promoted(worse, first):
+    assert worse.lgbm.best_iteration == 1
+    p = worse.promotion
+    assert p["decision"] == "challenger" and p["champion_version"] == first.model_version
+    assert p["challenger"]["pr_auc"] < p["champion"]["pr_auc"]
+    mv = client().get_model_version(NAME, worse.model_version)
+    assert mv.tags["promotion_decision"] == "challenger"
+    assert float(mv.tags["champion_pr_auc"]) == pytest.approx(p["champion"]["pr_auc"], abs=1e-6)
+    run = client().get_run(worse.run_id)
+    assert run.data.tags["promotion_decision"] == "challenger" and run.data.metrics["promoted"] == 0.0
+    assert "promotion_champion_pr_auc" in run.data.metrics
+    assert str(client().get_model_version_by_alias(NAME, "champion").version) == first.model_version
+
+
+def test_manual_promote_records_reason(worse, first):
+    mv = promote("customs", worse.model_version, "incident 42: roll forward", by="tester")
+    assert mv.tags["promoted_by"] == "tester" and mv.tags["promotion_reason"] == "incident 42: roll forward"
+    assert mv.tags["previous_champion"] == first.model_version and mv.tags["promotion_time"]
+    assert str(client().get_model_version_by_alias(NAME, "champion").version) == worse.model_version
+    out = CliRunner().invoke(promote_cmd, ["--domain", "customs", "--version", first.model_version,
+                                           "--reason", "roll back", "--by", "tester"])
+    assert out.exit_code == 0, out.output
+    assert str(client().get_model_version_by_alias(NAME, "champion").version) == first.model_version
+    bad = CliRunner().invoke(promote_cmd, ["--domain", "customs", "--version", "999", "--reason", "x"])
+    assert bad.exit_code != 0 and "no version 999" in bad.output
+
+
+def test_evaluate_command_prints_metrics(first, customs_dir):
+    out = CliRunner().invoke(evaluate_cmd, ["--domain", "customs", "--data", str(customs_dir)])
+    assert out.exit_code == 0, out.output
+    for text in ("PR-AUC", "ROC-AUC", "1%", "2%", "5%", "10%"):
+        assert text in out.output
+
+
+# ---------------------------------------------------------------------------------------------- guards, other inputs
+
+
+def test_shuffled_labels_give_chance_auc(store, tmp_path):
+    # 12k rows at 30% positives: ~540 positives / 1260 negatives per 15% window, so the null ROC-AUC has
+    # sd sqrt((n1 + n0 + 1) / (12 n1 n0)) ~ 0.015 and +-0.05 is ~3.4 sd (the run is seeded: no flakiness)
+    data = generate("customs", 12_000, seed=11, out_dir=tmp_path / "big", positive_rate=0.3, progress=False)
+    cfg = replace(CONFIG, shuffle_labels=True, track=False)
+    result = train("customs", data, config=cfg)
+    for window in ("validation", "test"):
+        assert abs(result.metrics["full"][window]["roc_auc"] - 0.5) < 0.05, window
+
+
+def test_finance_account_metrics(store, tmp_path):
+    data = generate("finance", 4000, seed=5, out_dir=tmp_path / "fin", positive_rate=0.1, progress=False)
+    result = train("finance", data, config=replace(CONFIG, track=False))
+    test = result.metrics["full"]["test"]
+    for key in ("account_precision_at_k", "account_recall_at_k", "pr_auc", "precision_at_5pct"):
+        assert key in test and 0.0 <= test[key] <= 1.0, key
+    assert any(k.startswith("recall_") and k not in ("recall_at_threshold",) for k in test)
+    assert result.model_version is None and result.run_id is None
+
+
+def test_cli_train_with_train_and_eval_files(store, tmp_path):
+    raw = pd.read_csv(FIXTURES / "customs_public_sample.csv", dtype=str, keep_default_na=False)
+    early = raw["Date"] < "2020-10-01"
+    raw[early].to_csv(tmp_path / "train.csv", index=False)
+    raw[~early].to_csv(tmp_path / "valid.csv", index=False)
+    (tmp_path / "cfg.toml").write_text("num-threads = 1\nquiet = false\nshap_sample = 50\nno_register = true\n"
+                                       "[lgbm]\nlearning_rate = 0.1\nmin_child_samples = 10\n")
+    out = CliRunner().invoke(train_cmd, ["--domain", "customs", "--train", str(tmp_path / "train.csv"),
+                                         "--eval", str(tmp_path / "valid.csv"), "--config", str(tmp_path / "cfg.toml"),
+                                         "--seed", "1"])
+    assert out.exit_code == 0, out.output
+    assert "lgbm_raw" in out.output and "baseline" in out.output and "test window: 2020-10" in out.output
+    missing = CliRunner().invoke(train_cmd, ["--domain", "customs"])
+    assert missing.exit_code != 0 and "--data" in missing.output

@@ -1,0 +1,126 @@
+"""Click commands ``train``, ``promote`` and ``evaluate`` (attached to the ``riskscore`` group by riskscore.cli)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+DOMAIN = click.Choice(["customs", "finance"])
+EXISTING = click.Path(exists=True, path_type=Path)
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+@click.command("train")
+@click.option("--domain", type=DOMAIN, help="customs (declarations) or finance (transfers).")
+@click.option("--data", type=EXISTING, help="Dataset: project directory, public customs CSV(s) or AMLSim output.")
+@click.option("--train", "train_path", type=EXISTING, help="Training file (with --eval: the files are the windows).")
+@click.option("--eval", "eval_path", type=EXISTING,
+              help="Evaluation file = test window; the training file is split into train/validation/calibration.")
+@click.option("--cases", "cases_path", type=EXISTING, help="Extra reviewer outcomes (cases table, parquet or CSV).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of everything random.")
+@click.option("--capacity", type=float, default=0.05, show_default=True,
+              help="Review capacity: share of events reviewers can inspect (sets the threshold).")
+@click.option("--target-precision", type=float, help="Set the threshold for this precision instead of capacity.")
+@click.option("--label-delay-days", type=float, help="Days until an outcome is known (default: domain default).")
+@click.option("--search-trials", type=int, default=0, show_default=True,
+              help="Random-search LightGBM trials (best by validation PR-AUC).")
+@click.option("--search-seconds", type=float,
+              help="Time budget of the search in seconds (alone: as many trials as fit).")
+@click.option("--num-threads", type=int, default=2, show_default=True, help="LightGBM threads.")
+@click.option("--no-register", is_flag=True, help="Track the run but do not register or promote the model.")
+@click.option("--config", "config_file", type=EXISTING,
+              help="TOML file with the same keys (e.g. capacity = 0.02, [lgbm] num_leaves = 63); flags win.")
+@click.pass_context
+def train_cmd(ctx: click.Context, config_file: Path | None, **flags) -> None:
+    """Train baseline, raw-column LightGBM and the full pipeline; log to MLflow; register and promote.
+
+    Windows are by time (never random). The new version gets the alias ``challenger`` and becomes ``champion`` if
+    it beats the current champion on this run's test window (higher PR-AUC, no worse precision at capacity).
+
+    \b
+    Examples:
+      riskscore train --domain customs --data data/customs
+      riskscore train --domain customs --train df_syn_train_eng.csv --eval df_syn_valid_eng.csv
+    """
+    from training.pipeline import load_config, read_toml, train
+
+    try:
+        settings = read_toml(config_file) if config_file else {}
+        given = {k: v for k, v in flags.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
+        domain = given.get("domain") or settings.get("domain")
+        data = given.get("data") or settings.get("data")
+        train_path = given.get("train_path") or settings.get("train")
+        if domain not in ("customs", "finance"):
+            raise click.UsageError("--domain customs|finance is required")
+        if data and train_path:
+            raise click.UsageError("use --data or --train, not both")
+        data = data or train_path
+        if not data:
+            raise click.UsageError("--data (or --train with --eval) is required")
+        overrides = {k: v for k, v in flags.items() if k not in ("domain", "data", "train_path")}
+        overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()
+                     if k in given or (config_file is None and v is not None)}
+        if overrides.pop("no_register", False):
+            overrides["register"] = False
+        config = load_config(config_file, **overrides)
+        train(domain, data, config=config)
+    except click.ClickException:
+        raise
+    except Exception as err:
+        raise click.ClickException(_one_line(err)) from err
+
+
+@click.command("promote")
+@click.option("--domain", type=DOMAIN, required=True, help="Domain of the registered model.")
+@click.option("--version", required=True, help="Registered version number to make champion.")
+@click.option("--reason", required=True, help="Why (recorded on the version with who and when).")
+@click.option("--by", help="Who promotes (default: $RISKSCORE_USER or the login name).")
+def promote_cmd(domain: str, version: str, reason: str, by: str | None) -> None:
+    """Make a registered model version the champion by hand (manual override of the promotion rule)."""
+    from riskscore import config
+    from training.registry import promote
+
+    try:
+        mv = promote(domain, version, reason, by=by)
+    except Exception as err:
+        raise click.ClickException(_one_line(err)) from err
+    click.echo(f"{config.model_name(domain)} v{mv.version} is now champion "
+               f"(by {mv.tags.get('promoted_by')}: {mv.tags.get('promotion_reason')})")
+
+
+@click.command("evaluate")
+@click.option("--domain", type=DOMAIN, required=True, help="Domain of the registered model.")
+@click.option("--data", type=EXISTING, required=True, help="Labelled dataset to evaluate on.")
+@click.option("--version", help="Registered version number (default: the alias).")
+@click.option("--alias", default="champion", show_default=True, help="Registered alias when --version is not given.")
+@click.option("--history", type=EXISTING,
+              help="Earlier events (e.g. the training data) that features may look back on; not scored.")
+@click.option("--cases", "cases_path", type=EXISTING, help="Extra reviewer outcomes (cases table).")
+@click.option("--capacity", type=float, default=0.05, show_default=True, help="Review capacity for the metrics.")
+def evaluate_cmd(domain: str, data: Path, version: str | None, alias: str, history: Path | None,
+                 cases_path: Path | None, capacity: float) -> None:
+    """Metrics of a registered model on a labelled file: PR-AUC, ROC-AUC, precision/recall in the top 1/2/5/10%."""
+    from training.metrics import TOP_FRACTIONS, pct_label
+    from training.pipeline import evaluate_bundle
+    from training.registry import load_model
+
+    try:
+        bundle, mv = load_model(domain, version=version, alias=None if version else alias)
+        m = evaluate_bundle(bundle, domain, data, history_path=history, cases_path=cases_path, capacity=capacity)
+    except Exception as err:
+        raise click.ClickException(_one_line(err)) from err
+    click.echo(f"{mv.name} v{mv.version} on {data.name}: {int(m['rows'])} labelled events, "
+               f"{int(m['positives'])} positives")
+    click.echo(f"  PR-AUC  {m['pr_auc']:.4f}\n  ROC-AUC {m['roc_auc']:.4f}\n  Brier   {m['brier']:.4f}")
+    click.echo(f"  {'top':>5s} {'precision':>10s} {'recall':>8s}")
+    for frac in sorted({*TOP_FRACTIONS, capacity}):
+        p = pct_label(frac)
+        click.echo(f"  {p + '%':>5s} {m[f'precision_at_{p}pct']:10.4f} {m[f'recall_at_{p}pct']:8.4f}")
+    click.echo(f"  threshold {bundle.threshold:.4f}: flags {m['flag_rate']:.2%}, precision "
+               f"{m['precision_at_threshold']:.4f}, recall {m['recall_at_threshold']:.4f}")

@@ -1,0 +1,472 @@
+"""End-to-end training: load -> point-in-time features -> time split -> baseline, raw-column and full LightGBM ->
+isotonic calibration -> threshold -> evaluation -> MLflow run -> registry (challenger / champion).
+
+Features are built once over all events: they are point-in-time, so one pass serves every window. With an
+evaluation file (``config.eval_path``), both files are concatenated for the features (evaluation-period
+features see the training history and earlier evaluation-period outcomes only); the training file is split
+into train / validation / calibration by time and the evaluation file is the test window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from features.datasets import EVENTS, derive_cases, load_dataset, merge_cases, read_table
+from features.domains import events_of
+from features.domains import feature_set as domain_feature_set
+from features.featureset import FeatureSet
+from training.baseline import fit_baseline
+from training.bundle import Calibrator, ModelBundle
+from training.calibrate import brier_report, fit_calibrator, sigmoid
+from training.drift import reference_profile
+from training.lgbm import LGBMConfig, LGBMModel, fit_lgbm, random_search
+from training.metrics import (
+    account_precision_recall_at_k,
+    account_scores,
+    capacity_key,
+    evaluate,
+    threshold_for_capacity,
+    threshold_for_precision,
+    top_k,
+)
+from training.split import DEFAULT_FRACTIONS, Split, time_split
+
+log = logging.getLogger(__name__)
+
+MODELS = ("baseline", "lgbm_raw", "full")
+MODEL_TITLES = {"baseline": "Logistic regression (all features)", "lgbm_raw": "LightGBM, raw columns only",
+                "full": "LightGBM, full pipeline"}
+EVAL_WINDOWS = ("validation", "test")
+ACCOUNT_COLS = ("source_account", "target_account")
+UNBOUNDED_TRIALS = 10_000  # --search-seconds without --search-trials: as many trials as the time allows
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run besides the data (same data + config -> same metrics)."""
+
+    seed: int = 0
+    capacity: float = 0.05  # review capacity: share of events reviewers can inspect
+    target_precision: float | None = None  # threshold by precision instead of capacity
+    label_delay_days: float | None = None  # None: the domain default
+    cases_path: str | None = None  # extra reviewer outcomes (cases parquet/CSV)
+    eval_path: str | None = None  # separate evaluation file = test window
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # train, validation, calibration, test
+    split_dates: tuple[str, ...] | None = None  # explicit starts of validation, calibration, test
+    eval_fractions: tuple[float, ...] = (0.7, 0.15, 0.15)  # train, validation, calibration of the train file
+    search_trials: int = 0
+    search_seconds: float | None = None
+    num_threads: int = 2
+    lgbm: LGBMConfig = field(default_factory=LGBMConfig)
+    register: bool = True
+    track: bool = True  # False: no MLflow run at all (quick experiments); implies no registration
+    shuffle_labels: bool = False  # sanity check: permute labels before features; every metric should be chance
+    shap_sample: int = 1000
+    quiet: bool = False
+
+    def lgbm_config(self) -> LGBMConfig:
+        return replace(self.lgbm, seed=self.seed, num_threads=self.num_threads)
+
+    def flat(self) -> dict[str, object]:
+        """Config as flat ``key: value`` pairs (MLflow params)."""
+        out = {k: v for k, v in asdict(self).items() if k != "lgbm"}
+        out.update({f"lgbm.{k}": v for k, v in asdict(self.lgbm).items()})
+        return out
+
+
+NOT_CONFIG = ("domain", "data", "train")  # run inputs that may sit in the same TOML file
+
+
+def read_toml(path: str | Path) -> dict:
+    """Settings from a TOML file with keys normalised (``target-precision`` -> ``target_precision``)."""
+    with open(path, "rb") as fh:
+        raw = tomllib.load(fh)
+    out = {k.replace("-", "_"): v for k, v in raw.items()}
+    if isinstance(out.get("lgbm"), dict):
+        out["lgbm"] = {k.replace("-", "_"): v for k, v in out["lgbm"].items()}
+    return out
+
+
+def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
+    """A :class:`TrainConfig` from a TOML file (the CLI flags' keys; a ``[lgbm]`` table for LightGBM) with
+    ``overrides`` that are not None applied on top. ``domain`` / ``data`` / ``train`` keys are ignored here;
+    unknown keys raise ``ValueError``."""
+    raw = read_toml(path) if path is not None else {}
+    raw.update({k.replace("-", "_"): v for k, v in overrides.items() if v is not None})
+    for key in NOT_CONFIG:
+        raw.pop(key, None)
+    if "no_register" in raw:
+        raw["register"] = not raw.pop("no_register")
+    for short, full in (("eval", "eval_path"), ("cases", "cases_path")):
+        if short in raw:
+            raw[full] = raw.pop(short)
+    lgbm_raw = dict(raw.pop("lgbm", None) or {})
+    unknown = sorted(set(raw) - {f.name for f in fields(TrainConfig)})
+    unknown += sorted(f"lgbm.{k}" for k in set(lgbm_raw) - {f.name for f in fields(LGBMConfig)})
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+    for key in ("fractions", "eval_fractions", "split_dates"):
+        if raw.get(key) is not None:
+            raw[key] = tuple(raw[key])
+    return TrainConfig(lgbm=LGBMConfig(**lgbm_raw), **raw)
+
+
+@dataclass
+class TrainData:
+    """All events of the run (train file then eval file), cases, accounts and where each row came from."""
+
+    events: pd.DataFrame
+    cases: pd.DataFrame
+    accounts: pd.DataFrame | None
+    from_eval: np.ndarray  # True for rows of the evaluation file
+    paths: list[str]
+
+
+@dataclass
+class ModelResult:
+    """One fitted model: calibrated scores per window, threshold and metrics per window."""
+
+    name: str
+    calibrator: Calibrator
+    threshold: float
+    scores: dict[str, np.ndarray]  # calibrated, per window
+    margins: dict[str, np.ndarray]  # uncalibrated score (raw margin / logit), per window
+    metrics: dict[str, dict[str, float]]
+    features: list[str]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` produced; ``run_id`` / ``model_version`` / ``promotion`` are set when tracked."""
+
+    domain: str
+    config: TrainConfig
+    bundle: ModelBundle
+    models: dict[str, ModelResult]
+    table: pd.DataFrame
+    split: Split
+    features: pd.DataFrame  # full feature frame, aligned with data.events
+    data: TrainData
+    fs: FeatureSet
+    lgbm: LGBMModel
+    search_log: list[dict]
+    fingerprint: str
+    timings: dict[str, float]
+    run_id: str | None = None
+    model_version: str | None = None
+    promotion: dict | None = None
+
+    @property
+    def metrics(self) -> dict[str, dict[str, dict[str, float]]]:
+        """``{model: {window: {metric: value}}}``."""
+        return {name: m.metrics for name, m in self.models.items()}
+
+    def window(self, name: str) -> tuple[pd.DataFrame, np.ndarray]:
+        """Features and labels of one window."""
+        pos = self.split[name]
+        return self.features.iloc[pos], _labels(self.data.events, self.fs).iloc[pos].to_numpy(float)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def load_training_data(domain: str, data_path: str | Path, config: TrainConfig) -> TrainData:
+    """Load the training data (and evaluation file, extra cases) onto the contracts."""
+    first = load_dataset(domain, data_path, config.label_delay_days)
+    datasets = [first]
+    if config.eval_path:
+        datasets.append(load_dataset(domain, config.eval_path, config.label_delay_days))
+    events = pd.concat([events_of(d) for d in datasets], ignore_index=True)
+    fs_id = EVENTS[domain][2]
+    dup = events[fs_id].duplicated()
+    if dup.any():
+        raise ValueError(f"event id {events.loc[dup, fs_id].iloc[0]!r} occurs in both the train and eval data")
+    cases = pd.concat([d.cases for d in datasets], ignore_index=True).drop_duplicates("case_id", ignore_index=True)
+    if config.cases_path:
+        reviewer = read_table(Path(config.cases_path), "cases")
+        cases = merge_cases(reviewer, cases)
+    accounts = None
+    if domain == "finance":
+        accounts = pd.concat([d.accounts for d in datasets], ignore_index=True).drop_duplicates(
+            "account_id", ignore_index=True)
+    from_eval = np.r_[np.zeros(len(events_of(first)), bool), np.ones(len(events) - len(events_of(first)), bool)]
+    paths = [str(Path(data_path).resolve())] + ([str(Path(config.eval_path).resolve())] if config.eval_path else [])
+    return TrainData(events=events, cases=cases, accounts=accounts, from_eval=from_eval, paths=paths)
+
+
+def shuffle_labels(domain: str, data: TrainData, label_col: str, seed: int, delay: float | None) -> TrainData:
+    """Labels permuted among labelled events and derived cases re-derived from them (leakage guard)."""
+    events = data.events.copy()
+    labelled = np.flatnonzero(events[label_col].notna().to_numpy())
+    rng = np.random.default_rng([seed, 7])
+    values = events[label_col].to_numpy(copy=True)
+    values[labelled] = values[rng.permutation(labelled)]
+    events[label_col] = pd.array(values, dtype=events[label_col].dtype)
+    source = data.cases["source"] if "source" in data.cases else pd.Series("", index=data.cases.index)
+    kept = data.cases[(source.astype("string").fillna("") != "derived").to_numpy(bool)]
+    cases = merge_cases(kept.reset_index(drop=True), derive_cases(domain, events, delay))
+    return replace(data, events=events, cases=cases)
+
+
+def fingerprint(events: pd.DataFrame, fs: FeatureSet) -> str:
+    """sha256 of event ids, times and labels (identifies the training data of a run)."""
+    h = hashlib.sha256()
+    h.update("\x1f".join(events[fs.id_col].astype(str)).encode())
+    h.update(pd.to_datetime(events[fs.time_col]).to_numpy("datetime64[ns]").astype(np.int64).tobytes())
+    h.update(_labels(events, fs).fillna(-1.0).to_numpy(np.float64).tobytes())
+    return h.hexdigest()
+
+
+def _labels(events: pd.DataFrame, fs: FeatureSet) -> pd.Series:
+    if fs.label_col not in events:
+        return pd.Series(np.nan, index=events.index)
+    return events[fs.label_col].astype("Float64").astype(float)
+
+
+def own_columns(fs: FeatureSet, events: pd.DataFrame) -> list[str]:
+    """Features computed from the event's own columns (no history): the raw-column ablation's inputs."""
+    prepared = fs.prepare(events.head(50))
+    return [n for n in fs.names if n in prepared.columns]
+
+
+def make_split(data: TrainData, fs: FeatureSet, config: TrainConfig) -> Split:
+    """Time windows over the labelled events (row positions into ``data.events``)."""
+    labelled = _labels(data.events, fs).notna().to_numpy()
+    times = pd.to_datetime(data.events[fs.time_col])
+    if not config.eval_path:
+        pos = np.flatnonzero(labelled)
+        sp = time_split(times.iloc[pos], fractions=config.fractions, dates=config.split_dates)
+        return Split({k: pos[v] for k, v in sp.windows.items()}, sp.ranges)
+    pos = np.flatnonzero(labelled & ~data.from_eval)
+    sp = time_split(times.iloc[pos], fractions=config.eval_fractions, dates=config.split_dates,
+                    names=("train", "validation", "calibration"))
+    windows = {k: pos[v] for k, v in sp.windows.items()}
+    test = np.flatnonzero(labelled & data.from_eval)
+    if not len(test):
+        raise ValueError("the evaluation file has no labelled events")
+    windows["test"] = test
+    ranges = dict(sp.ranges, test=(pd.Timestamp(times.iloc[test].min()), pd.Timestamp(times.iloc[test].max())))
+    return Split(windows, ranges)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _bands(threshold: float, cal_scores: np.ndarray, capacity: float) -> dict[str, float]:
+    """low / medium / high lower edges: high = threshold, medium = top ``4 x capacity`` of the calibration window."""
+    medium = min(threshold_for_capacity(cal_scores, min(1.0, 4 * capacity)), threshold)
+    bands = {"low": 0.0, "high": float(threshold)}
+    if medium < threshold:
+        bands["medium"] = float(medium)
+    return dict(sorted(bands.items(), key=lambda kv: kv[1]))
+
+
+def _window_metrics(
+    name: str, data: TrainData, fs: FeatureSet, split: Split, scores: dict[str, np.ndarray],
+    margins: dict[str, np.ndarray], threshold: float, config: TrainConfig,
+) -> dict[str, dict[str, float]]:
+    y_all = _labels(data.events, fs)
+    out = {}
+    for window in EVAL_WINDOWS:
+        pos = split[window]
+        ev = data.events.iloc[pos]
+        y = y_all.iloc[pos].to_numpy(float)
+        m = evaluate(
+            y, scores[window], capacity=config.capacity, threshold=threshold,
+            revenue=ev["revenue"].to_numpy(float, na_value=0.0) if "revenue" in ev else None,
+            typology=ev.get("typology", None),
+        )
+        if name != "baseline":
+            m["brier_uncalibrated"] = float(np.mean((sigmoid(margins[window]) - y) ** 2))
+        if data.accounts is not None and "is_fraud" in data.accounts and all(c in ev for c in ACCOUNT_COLS):
+            acc = account_scores(ev, scores[window], ACCOUNT_COLS)
+            labels = data.accounts.set_index(data.accounts["account_id"].astype(str))["is_fraud"].astype(float)
+            k = top_k(len(acc), config.capacity)
+            m["account_k"] = float(k)
+            m["account_precision_at_k"], m["account_recall_at_k"] = account_precision_recall_at_k(acc, labels, k)
+        out[window] = m
+    return out
+
+
+def _finish_model(
+    name: str, margins: dict[str, np.ndarray], y_cal: np.ndarray, data: TrainData, fs: FeatureSet, split: Split,
+    config: TrainConfig, features: list[str],
+) -> ModelResult:
+    """Calibrate on the calibration window, choose the threshold there, evaluate on validation and test."""
+    calibrator = fit_calibrator(margins["calibration"], y_cal)
+    scores = {w: calibrator(m) for w, m in margins.items()}
+    if config.target_precision is not None:
+        threshold = threshold_for_precision(y_cal, scores["calibration"], config.target_precision)
+    else:
+        threshold = threshold_for_capacity(scores["calibration"], config.capacity)
+    metrics = _window_metrics(name, data, fs, split, scores, margins, threshold, config)
+    return ModelResult(name, calibrator, float(threshold), scores, margins, metrics, features)
+
+
+def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = None) -> TrainResult:
+    """Train, evaluate and (unless ``config.register`` is False) track and register a model of ``domain``."""
+    config = config or TrainConfig()
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
+    fs = domain_feature_set(domain, config.label_delay_days)
+    data = load_training_data(domain, data_path, config)
+    if fs.label_col not in data.events:
+        raise ValueError(f"the data has no label column {fs.label_col!r}: cannot train")
+    if config.shuffle_labels:
+        data = shuffle_labels(domain, data, fs.label_col, config.seed, config.label_delay_days)
+    lap("load")
+    features = fs.build(data.events, data.cases)
+    lap("features")
+    split = make_split(data, fs, config)
+    y_all = _labels(data.events, fs).to_numpy(float)
+    for window, pos in split.windows.items():
+        if len(np.unique(y_all[pos])) < 2:
+            raise ValueError(f"the {window} window has only one class ({len(pos)} rows): use more data or "
+                             "other split fractions")
+    y = {w: y_all[p] for w, p in split.windows.items()}
+    X = {w: features.iloc[p] for w, p in split.windows.items()}
+    windows = ("calibration", *EVAL_WINDOWS)
+    models: dict[str, ModelResult] = {}
+
+    baseline = fit_baseline(X["train"], y["train"], fs.categorical, seed=config.seed)
+    margins = {w: baseline.decision_function(X[w]) for w in windows}
+    models["baseline"] = _finish_model("baseline", margins, y["calibration"], data, fs, split, config, fs.names)
+    lap("baseline")
+
+    lcfg = config.lgbm_config()
+    trials = config.search_trials or (UNBOUNDED_TRIALS if config.search_seconds else 0)  # time-bounded only
+    full, search_log = random_search(X["train"], y["train"], X["validation"], y["validation"], fs.categorical, lcfg,
+                                     trials=trials, seconds=config.search_seconds)
+    margins = {w: full.raw_margin(X[w]) for w in windows}
+    models["full"] = _finish_model("full", margins, y["calibration"], data, fs, split, config, fs.names)
+    lap("lgbm_full")
+
+    raw_cols = own_columns(fs, data.events)
+    raw = fit_lgbm(X["train"][raw_cols], y["train"], X["validation"][raw_cols], y["validation"], fs.categorical,
+                   full.config)
+    margins = {w: raw.raw_margin(X[w][raw_cols]) for w in windows}
+    models["lgbm_raw"] = _finish_model("lgbm_raw", margins, y["calibration"], data, fs, split, config, raw_cols)
+    models = {name: models[name] for name in MODELS}
+    lap("lgbm_raw")
+
+    best = models["full"]
+    train_scores = best.calibrator(full.raw_margin(X["train"]))
+    test_metrics = dict(best.metrics["test"])
+    test_metrics.update(brier_report(best.margins["test"], y["test"], best.calibrator))
+    bundle = ModelBundle(
+        domain=domain, feature_names=list(fs.names), categorical=full.levels, feature_labels=fs.labels,
+        booster=full.booster, calibrator=best.calibrator, threshold=best.threshold,
+        bands=_bands(best.threshold, best.scores["calibration"], config.capacity), feature_set_version=fs.version,
+        label_delay_days=float(fs.label_delay.total_seconds() / 86_400), metrics=test_metrics,
+        reference=reference_profile(X["train"][fs.names], train_scores, fs.categorical),
+        data_path=data.paths[0],
+    )
+    table = metric_table(models)
+    lap("calibrate_evaluate")
+    result = TrainResult(
+        domain=domain, config=config, bundle=bundle, models=models, table=table, split=split, features=features,
+        data=data, fs=fs, lgbm=full, search_log=search_log, fingerprint=fingerprint(data.events, fs),
+        timings=timings,
+    )
+    if not config.quiet:
+        print(format_table(result))
+    if config.track:
+        from training import tracking  # heavy imports (mlflow, shap) only when tracking
+
+        result.run_id, result.model_version = tracking.log_run(result)
+        lap("tracking")
+    if config.track and config.register and result.model_version is not None:
+        from training import registry
+
+        result.promotion = registry.decide_promotion(result)
+        lap("registry")
+        if not config.quiet:
+            p = result.promotion
+            print(f"registered {p['model_name']} v{p['version']}: {p['decision']} ({p['reason']})")
+    timings["total"] = round(sum(timings.values()), 3)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+
+TABLE_METRICS = ("roc_auc", "pr_auc", "precision_at_1pct", "precision_at_2pct", "precision_at_5pct",
+                 "precision_at_10pct", "recall_at_5pct", "brier")
+
+
+def metric_table(models: dict[str, ModelResult], window: str = "test") -> pd.DataFrame:
+    """Models x headline metrics on one window."""
+    rows = {name: {k: m.metrics[window].get(k, np.nan) for k in TABLE_METRICS} for name, m in models.items()}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def format_table(result: TrainResult) -> str:
+    """Compact text table: baseline vs raw-column LightGBM vs full pipeline on validation and test."""
+    cap = capacity_key(result.config.capacity)
+    cols = ["roc_auc", "pr_auc", "precision_at_1pct", "precision_at_2pct", "precision_at_5pct",
+            "precision_at_10pct", "brier"]
+    if cap not in cols:
+        cols.insert(-1, cap)
+    heads = {"roc_auc": "ROC-AUC", "pr_auc": "PR-AUC", "brier": "Brier"}
+    lines = []
+    for window in EVAL_WINDOWS:
+        sizes = result.models["full"].metrics[window]
+        lines.append(f"{window} window: {result.split.describe()[window]}, {int(sizes['positives'])} positives")
+        header = f"  {'model':10s}" + "".join(
+            f"{heads.get(c, 'P@' + c.removeprefix('precision_at_').removesuffix('pct') + '%'):>9s}" for c in cols)
+        lines.append(header)
+        for name, model in result.models.items():
+            vals = "".join(f"{model.metrics[window].get(c, np.nan):9.4f}" for c in cols)
+            lines.append(f"  {name:10s}{vals}")
+    full = result.models["full"]
+    lines.append(f"threshold {full.threshold:.4f} (flag rate on test {full.metrics['test']['flag_rate']:.3f}), "
+                 f"LightGBM {result.lgbm.best_iteration} trees")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_bundle(
+    bundle: ModelBundle, domain: str, data_path: str | Path, *, history_path: str | Path | None = None,
+    cases_path: str | Path | None = None, capacity: float = 0.05,
+) -> dict[str, float]:
+    """Metrics of a bundle on the labelled events of ``data_path``.
+
+    Features are point-in-time over ``history_path`` (not scored; e.g. the training data) followed by the data,
+    with the bundle's outcome delay.
+    """
+    fs = domain_feature_set(domain, bundle.label_delay_days)
+    config = TrainConfig(label_delay_days=bundle.label_delay_days, cases_path=str(cases_path) if cases_path else None,
+                         eval_path=str(data_path) if history_path else None)
+    data = load_training_data(domain, history_path or data_path, config)
+    if bundle.feature_set_version != fs.version:
+        raise ValueError(f"the model was trained with feature set {bundle.feature_set_version!r} but this code "
+                         f"computes {fs.version!r}")
+    scored = data.from_eval if history_path else np.ones(len(data.events), bool)
+    y_all = _labels(data.events, fs).to_numpy(float)
+    pos = np.flatnonzero(scored & ~np.isnan(y_all))
+    if not len(pos):
+        raise ValueError(f"no labelled events ({fs.label_col}) in {data_path}")
+    features = fs.build(data.events, data.cases).iloc[pos]
+    scores = bundle.predict(features)
+    ev = data.events.iloc[pos]
+    return evaluate(
+        y_all[pos], scores, capacity=capacity, threshold=bundle.threshold,
+        revenue=ev["revenue"].to_numpy(float, na_value=0.0) if "revenue" in ev else None,
+        typology=ev.get("typology", None),
+    )
