@@ -1,0 +1,308 @@
+"""Audit store (SQLAlchemy): every scored item, every reviewer outcome, idempotent request replies.
+
+Default: SQLite in WAL mode at :func:`riskscore.config.audit_url`; any SQLAlchemy URL (PostgreSQL) works.
+A scoring request is written in one transaction (request row + one score row per item) before the
+response is sent. Outcomes turn into ``cases`` rows (:meth:`AuditStore.export_cases`) and labelled
+events (:meth:`AuditStore.export_labelled_events`) that training reads; :meth:`AuditStore.replay`
+feeds the online feature state after a restart or reload.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from features.schemas import TABLES
+from riskscore import config
+from serving.domains import domain_info
+
+metadata = sa.MetaData()
+
+requests = sa.Table(
+    "requests", metadata,
+    sa.Column("request_id", sa.String(64), primary_key=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("domain", sa.String(16), nullable=False),
+    sa.Column("caller_key_id", sa.String(16), nullable=False),
+    sa.Column("agency", sa.String(64), nullable=False),
+    sa.Column("idempotency_key", sa.String(128)),
+    sa.Column("body_sha256", sa.String(64), nullable=False),
+    sa.Column("items", sa.Integer, nullable=False),
+    sa.Column("response_json", sa.JSON, nullable=False),
+    sa.UniqueConstraint("caller_key_id", "idempotency_key", name="uq_requests_idempotency"),
+)
+
+scores = sa.Table(
+    "scores", metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("score_id", sa.String(36), nullable=False, unique=True),
+    sa.Column("request_id", sa.String(64), sa.ForeignKey("requests.request_id"), nullable=False),
+    sa.Column("item_index", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("domain", sa.String(16), nullable=False),
+    sa.Column("event_id", sa.String(64), nullable=False),
+    sa.Column("caller_key_id", sa.String(16), nullable=False),
+    sa.Column("agency", sa.String(64), nullable=False),
+    sa.Column("model_name", sa.String(128), nullable=False),
+    sa.Column("model_version", sa.String(32), nullable=False),
+    sa.Column("input_json", sa.JSON, nullable=False),
+    sa.Column("features_json", sa.JSON, nullable=False),
+    sa.Column("score", sa.Float, nullable=False),
+    sa.Column("band", sa.String(32), nullable=False),
+    sa.Column("flagged", sa.Boolean, nullable=False),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("explanation_json", sa.JSON, nullable=False),
+    sa.Index("ix_scores_domain_seq", "domain", "seq"),
+    sa.Index("ix_scores_event", "domain", "event_id"),
+)
+
+outcomes = sa.Table(
+    "outcomes", metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("score_id", sa.String(36), sa.ForeignKey("scores.score_id"), nullable=False, unique=True),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("note", sa.Text),
+    sa.Column("decided_by", sa.String(16), nullable=False),
+    sa.Column("agency", sa.String(64), nullable=False),
+    sa.Column("decided_at", sa.DateTime, nullable=False),
+    sa.CheckConstraint("outcome in ('confirmed', 'cleared')", name="ck_outcome"),
+)
+
+
+class IdempotencyConflict(Exception):
+    """The (caller, Idempotency-Key) pair is already stored; ``stored`` is the earlier request."""
+
+    def __init__(self, stored: StoredRequest | None):
+        super().__init__("idempotency key already used")
+        self.stored = stored
+
+
+class OutcomeExists(Exception):
+    """A score already has an outcome (outcomes are final; one per score)."""
+
+
+@dataclass
+class StoredRequest:
+    request_id: str
+    body_sha256: str
+    response: dict
+
+
+@dataclass
+class Replay:
+    """Audit history of a domain after some watermark, ready for the online feature state."""
+
+    events: pd.DataFrame  # scored events in contract dtypes (first scoring of each event id)
+    labelled: pd.DataFrame  # events with a reviewer outcome as label, time = when the label became known
+    cases: pd.DataFrame  # cases contract rows
+    last_score_seq: int
+    last_outcome_seq: int
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON values (NaN/inf -> None, numpy -> Python, timestamps -> ISO)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, pd.Timestamp | dt.datetime | dt.date):
+        return value.isoformat()
+    return value
+
+
+def _engine(url: str) -> sa.Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # WAL: readers never block the writer
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+class AuditStore:
+    """Reads and writes the audit tables (created if missing)."""
+
+    def __init__(self, url: str | None = None):
+        self.url = url or config.audit_url()
+        self.engine = _engine(self.url)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- scoring ---------------------------------------------------------------------------------------
+    def find_request(self, caller_key_id: str, idempotency_key: str) -> StoredRequest | None:
+        """The stored request of a (caller, Idempotency-Key) pair, if any."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(requests.c.request_id, requests.c.body_sha256, requests.c.response_json).where(
+                    requests.c.caller_key_id == caller_key_id, requests.c.idempotency_key == idempotency_key)
+            ).first()
+        return StoredRequest(row.request_id, row.body_sha256, row.response_json) if row else None
+
+    def record_scores(self, request: dict, rows: list[dict], response: dict) -> None:
+        """Write a request and its score rows in one transaction; duplicate Idempotency-Key -> conflict."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(requests.insert().values(**request, response_json=jsonable(response)))
+                conn.execute(scores.insert(), [jsonable_row(r) for r in rows])
+        except IntegrityError:
+            key = request.get("idempotency_key")
+            if key is None:
+                raise
+            raise IdempotencyConflict(self.find_request(request["caller_key_id"], key)) from None
+
+    def get_score(self, score_id: str) -> dict | None:
+        """A score row with its outcome (if any) as a dict."""
+        query = sa.select(scores, outcomes.c.outcome, outcomes.c.note, outcomes.c.decided_at).select_from(
+            scores.outerjoin(outcomes, outcomes.c.score_id == scores.c.score_id)
+        ).where(scores.c.score_id == score_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return dict(row) if row else None
+
+    def count_scores(self, **where: Any) -> int:
+        query = sa.select(sa.func.count()).select_from(scores)
+        for col, value in where.items():
+            query = query.where(scores.c[col] == value)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    # -- outcomes --------------------------------------------------------------------------------------
+    def record_outcome(self, score_id: str, outcome: str, note: str | None, decided_by: str, agency: str,
+                       decided_at: dt.datetime | None = None) -> dict:
+        """Store a reviewer's decision (one per score); returns the stored row."""
+        row = {"score_id": score_id, "outcome": outcome, "note": note, "decided_by": decided_by,
+               "agency": agency, "decided_at": decided_at or utcnow()}
+        try:
+            with self.engine.begin() as conn:
+                row["seq"] = conn.execute(outcomes.insert().values(**row)).inserted_primary_key[0]
+        except IntegrityError:
+            raise OutcomeExists(f"score {score_id} already has an outcome") from None
+        return row
+
+    # -- exports for training and replay ---------------------------------------------------------------
+    def _decided(self, domain: str, after_outcome_seq: int = 0) -> list[sa.Row]:
+        query = (
+            sa.select(scores.c.score_id, scores.c.created_at, scores.c.input_json, outcomes.c.seq,
+                      outcomes.c.outcome, outcomes.c.note, outcomes.c.decided_at)
+            .join(outcomes, outcomes.c.score_id == scores.c.score_id)
+            .where(scores.c.domain == domain, outcomes.c.seq > after_outcome_seq)
+            .order_by(outcomes.c.seq)
+        )
+        with self.engine.connect() as conn:
+            return list(conn.execute(query))
+
+    def export_cases(self, domain: str, after_outcome_seq: int = 0) -> pd.DataFrame:
+        """Reviewer outcomes as rows of the ``cases`` contract (one per entity of the scored event)."""
+        return _cases(domain, self._decided(domain, after_outcome_seq))
+
+    def export_labelled_events(self, domain: str, after_outcome_seq: int = 0) -> pd.DataFrame:
+        """Scored events with their reviewer outcome as the label column (1 = confirmed), contract dtypes."""
+        return _labelled(domain, self._decided(domain, after_outcome_seq))
+
+    def scored_events(self, domain: str, after_seq: int = 0) -> tuple[pd.DataFrame, int]:
+        """Events scored after ``after_seq`` (first scoring of each id) in contract dtypes, and the last seq."""
+        query = (sa.select(scores.c.seq, scores.c.event_id, scores.c.input_json)
+                 .where(scores.c.domain == domain, scores.c.seq > after_seq).order_by(scores.c.seq))
+        with self.engine.connect() as conn:
+            result = list(conn.execute(query))
+        seen: set[str] = set()
+        rows = []
+        for row in result:
+            if row.event_id not in seen:
+                seen.add(row.event_id)
+                rows.append(row.input_json)
+        return events_frame(domain, rows), (result[-1].seq if result else after_seq)
+
+    def replay(self, domain: str, after_score_seq: int = 0, after_outcome_seq: int = 0) -> Replay:
+        """Everything of ``domain`` recorded after the two watermarks (labels dated by their decision)."""
+        events, last_score = self.scored_events(domain, after_score_seq)
+        outcomes_only = self.outcome_replay(domain, after_outcome_seq)
+        outcomes_only.events, outcomes_only.last_score_seq = events, last_score
+        return outcomes_only
+
+    def outcome_replay(self, domain: str, after_outcome_seq: int = 0) -> Replay:
+        """Outcomes of ``domain`` recorded after the watermark, as labelled events and cases (no new events)."""
+        decided = self._decided(domain, after_outcome_seq)
+        events = events_frame(domain, [])
+        labelled = _labelled(domain, decided)
+        labelled["label_known_at"] = pd.to_datetime(
+            pd.Series([r.decided_at for r in decided], dtype="object")).astype("datetime64[ns]")
+        return Replay(events=events, labelled=labelled, cases=_cases(domain, decided), last_score_seq=0,
+                      last_outcome_seq=decided[-1].seq if decided else after_outcome_seq)
+
+
+CASE_COLUMNS = ["case_id", "entity_kind", "entity_id", "opened_at", "closed_at", "outcome", "source", "note"]
+
+
+def _cases(domain: str, decided: list[sa.Row]) -> pd.DataFrame:
+    info = domain_info(domain)
+    out = []
+    for row in decided:
+        for kind, col in info.case_entities:
+            if entity := row.input_json.get(col):
+                out.append({
+                    "case_id": f"{row.score_id}:{col}", "entity_kind": kind, "entity_id": entity,
+                    "opened_at": row.created_at, "closed_at": row.decided_at, "outcome": row.outcome,
+                    "source": "reviewer", "note": row.note,
+                })
+    frame = pd.DataFrame(out, columns=CASE_COLUMNS)
+    for col in ("case_id", "entity_kind", "entity_id", "outcome", "source", "note"):
+        frame[col] = frame[col].astype("string")
+    for col in ("opened_at", "closed_at"):
+        frame[col] = pd.to_datetime(frame[col]).astype("datetime64[ns]")
+    return frame
+
+
+def _labelled(domain: str, decided: list[sa.Row]) -> pd.DataFrame:
+    label = domain_info(domain).label_col
+    return events_frame(domain, [{**r.input_json, label: int(r.outcome == "confirmed")} for r in decided])
+
+
+def events_frame(domain: str, rows: list[dict]) -> pd.DataFrame:
+    """Event dicts (validated API inputs, optionally with the label) -> a frame in the contract's dtypes."""
+    info = domain_info(domain)
+    data: dict[str, Any] = {}
+    for col in TABLES[info.table]:
+        if not (col.required or col.name == info.label_col):
+            continue
+        values = [r.get(col.name) for r in rows]
+        if col.kind == "str":
+            data[col.name] = pd.array(values, dtype="string")
+        elif col.kind == "datetime":
+            data[col.name] = pd.to_datetime(pd.Series(values, dtype="object")).astype("datetime64[ns]").to_numpy()
+        elif col.kind == "int":
+            data[col.name] = pd.array(values, dtype="Int8")
+        else:
+            data[col.name] = np.asarray(values, dtype=np.float64)
+    return pd.DataFrame(data)
+
+
+def jsonable_row(row: dict) -> dict:
+    return {k: (jsonable(v) if k.endswith("_json") else v) for k, v in row.items()}

@@ -1,0 +1,230 @@
+"""API keys: only SHA-256 hashes are stored; each key has one role and belongs to one agency.
+
+Keys come from, in order: the file at ``$RISKSCORE_KEYS_FILE`` (JSON or TOML), ``$RISKSCORE_API_KEYS``
+(``role:agency:sha256hex`` entries separated by commas, or the same JSON as a file), the file
+``<RISKSCORE_HOME>/keys.json`` if it exists, else demo keys (one per role, agency ``demo``) written to
+``<RISKSCORE_HOME>/demo-keys.json`` with mode 0600 -- the only place a plaintext key is ever written.
+
+A key file holds ``{"keys": [{"id": ..., "sha256": ..., "role": ..., "agency": ...}]}``. Keys are
+compared by hash with :func:`hmac.compare_digest` against every entry; a key is never logged or echoed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import tomllib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from riskscore import config
+
+log = logging.getLogger("riskscore.serving.auth")
+
+ROLES = ("customs", "financial", "reviewer", "admin")
+PERMISSIONS: dict[str, frozenset[str]] = {
+    "score:customs": frozenset({"customs"}),
+    "score:finance": frozenset({"financial"}),
+    "scores:read": frozenset({"reviewer", "admin"}),
+    "outcomes:write": frozenset({"reviewer"}),
+    "admin": frozenset({"admin"}),
+}
+KEY_PREFIX = "rsk_"
+DEMO_AGENCY = "demo"
+
+
+class AuthError(Exception):
+    """401 (no or unknown key) or 403 (key lacks the permission)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """A stored key: its hash, role and agency; ``id`` is a public hash prefix used in audit rows."""
+
+    sha256: str
+    role: str
+    agency: str
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role!r}: use one of {', '.join(ROLES)}")
+        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise ValueError("a key entry's sha256 must be 64 lower-case hex digits")
+        if not self.agency:
+            raise ValueError("a key entry needs an agency")
+        if not self.id:
+            object.__setattr__(self, "id", self.sha256[:12])
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated caller of a request."""
+
+    key_id: str
+    role: str
+    agency: str
+
+    def can(self, permission: str) -> bool:
+        return self.role in PERMISSIONS[permission]
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class KeyStore:
+    """The configured key hashes; :meth:`authenticate` maps a presented key to a :class:`Caller`."""
+
+    def __init__(self, entries: list[KeyEntry], source: str):
+        if not entries:
+            raise ValueError(f"no API keys configured in {source}")
+        self.entries = list(entries)
+        self.source = source
+
+    def authenticate(self, presented: str | None) -> Caller:
+        """The caller owning ``presented``; 401 if missing or unknown (constant-time over all entries)."""
+        if not presented:
+            raise AuthError(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")
+        digest = hash_key(presented).encode()
+        found = None
+        for entry in self.entries:
+            if hmac.compare_digest(digest, entry.sha256.encode()):
+                found = entry
+        if found is None:
+            raise AuthError(401, "invalid API key")
+        return Caller(key_id=found.id, role=found.role, agency=found.agency)
+
+    def authorize(self, presented: str | None, permission: str) -> Caller:
+        """Authenticate, then 403 unless the caller's role grants ``permission``."""
+        caller = self.authenticate(presented)
+        if not caller.can(permission):
+            raise AuthError(403, f"role '{caller.role}' may not use this endpoint")
+        return caller
+
+
+def presented_key(headers) -> str | None:
+    """The key of a request: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
+    auth = headers.get("authorization") or ""
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return (headers.get("x-api-key") or "").strip() or None
+
+
+def _entries(doc: dict | list) -> list[KeyEntry]:
+    rows = doc.get("keys", []) if isinstance(doc, dict) else doc
+    if not isinstance(rows, list):
+        raise ValueError("keys must be a list of {sha256, role, agency} entries")
+    out = []
+    for row in rows:
+        if not isinstance(row, dict):
+            raise ValueError("each key entry must be an object with sha256, role and agency")
+        out.append(KeyEntry(sha256=str(row.get("sha256", "")).lower(), role=str(row.get("role", "")),
+                            agency=str(row.get("agency", "")), id=str(row.get("id", ""))))
+    return out
+
+
+def read_key_file(path: str | Path) -> list[KeyEntry]:
+    """Entries of a JSON or TOML key file (TOML: ``[[keys]]`` tables)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        doc = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        return _entries(doc)
+    except (OSError, ValueError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"cannot read API keys from {path}: {err}") from None
+
+
+def parse_env_keys(value: str) -> list[KeyEntry]:
+    """``RISKSCORE_API_KEYS``: JSON like a key file, or ``role:agency:sha256hex`` entries."""
+    value = value.strip()
+    if value[:1] in "[{":
+        return _entries(json.loads(value))
+    out = []
+    for item in value.replace("\n", ",").split(","):
+        if item.strip():
+            role, agency, digest = (p.strip() for p in item.strip().split(":", 2))
+            out.append(KeyEntry(sha256=digest.lower(), role=role, agency=agency))
+    return out
+
+
+def default_key_file() -> Path:
+    return Path(os.environ.get("RISKSCORE_KEYS_FILE") or config.home() / "keys.json")
+
+
+def demo_key_file() -> Path:
+    return config.home() / "demo-keys.json"
+
+
+def _write_private(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(doc, fh, indent=1)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def demo_keys() -> list[KeyEntry]:
+    """One key per role for agency ``demo``, kept (plaintext, mode 0600) in ``demo-keys.json``."""
+    path = demo_key_file()
+    if path.exists():
+        doc = json.loads(path.read_text())
+    else:
+        doc = {"note": "demo keys for a local service; do not use in production",
+               "keys": [{"role": role, "agency": DEMO_AGENCY, "key": new_key()} for role in ROLES]}
+        _write_private(path, doc)
+    log.warning("no API keys configured: demo keys (one per role) are in %s", path)
+    return [KeyEntry(sha256=hash_key(k["key"]), role=k["role"], agency=k["agency"]) for k in doc["keys"]]
+
+
+def load_keys() -> KeyStore:
+    """The key store from the configured source (see module docstring)."""
+    if env_file := os.environ.get("RISKSCORE_KEYS_FILE"):
+        return KeyStore(read_key_file(env_file), f"RISKSCORE_KEYS_FILE ({env_file})")
+    if env_keys := os.environ.get("RISKSCORE_API_KEYS"):
+        try:
+            return KeyStore(parse_env_keys(env_keys), "RISKSCORE_API_KEYS")
+        except ValueError as err:
+            raise ValueError(f"RISKSCORE_API_KEYS is invalid: {err}") from None
+    home_file = config.home() / "keys.json"
+    if home_file.exists():
+        return KeyStore(read_key_file(home_file), str(home_file))
+    return KeyStore(demo_keys(), str(demo_key_file()))
+
+
+def add_key(role: str, agency: str, path: str | Path | None = None) -> tuple[str, KeyEntry, Path]:
+    """Create a key for ``role``/``agency``, append its hash to the key file; return the plaintext key once."""
+    path = Path(path) if path else default_key_file()
+    if path.suffix == ".toml":
+        raise ValueError("keys are added to JSON key files; convert the TOML file or pass --file keys.json")
+    entries = read_key_file(path) if path.exists() else []
+    key = new_key()
+    entry = KeyEntry(sha256=hash_key(key), role=role, agency=agency)
+    entries.append(entry)
+    _write_private(path, {"keys": [asdict(e) for e in entries]})
+    return key, entry, path
+
+
+def revoke_key(key_id: str, path: str | Path | None = None) -> int:
+    """Remove entries whose id (hash prefix) starts with ``key_id``; returns how many were removed."""
+    if len(key_id) < 6:
+        raise ValueError("give at least 6 characters of the key id")
+    path = Path(path) if path else default_key_file()
+    entries = read_key_file(path)
+    keep = [e for e in entries if not e.id.startswith(key_id)]
+    _write_private(path, {"keys": [asdict(e) for e in keep]})
+    return len(entries) - len(keep)

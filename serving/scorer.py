@@ -1,0 +1,360 @@
+"""Per-domain scorers: champion bundle + online feature state, scoring with audit, atomic reload.
+
+A :class:`DomainScorer` owns one champion bundle and the online feature state of its domain, seeded
+from the bundle's training data (``$RISKSCORE_HISTORY_<DOMAIN>`` overrides the path; ``none`` = start
+empty) and the domain's scored events and outcomes replayed from the audit store.
+
+Scoring a batch: items in contract dtypes -> processed in time order, each distinct time's items get
+their features from the state and are then ingested (so a later item of the batch sees an earlier one,
+exactly as in training) -> ``bundle.explain`` -> one audit transaction -> response.
+
+:class:`ScorerRegistry` builds a new scorer fully before swapping it in; requests already holding the
+old scorer's lock finish on it, waiting ones move to the new one, and the new state catches up on
+whatever the old one scored meanwhile, so no scored event is lost from the history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from features.domains import events_of
+from features.domains import feature_set as domain_feature_set
+from features.featureset import OnlineFeatures
+from riskscore import config
+from serving.audit import AuditStore, IdempotencyConflict, Replay, events_frame, jsonable, utcnow
+from serving.domains import domain_info
+from serving.models import RequestError
+
+log = logging.getLogger("riskscore.serving.scorer")
+
+DEFAULT_TOP_N = 5
+
+
+class ServingConfigError(RuntimeError):
+    """The service cannot start or reload (no champion, unreadable history...)."""
+
+
+def served_domains() -> list[str]:
+    """Domains to serve: $RISKSCORE_DOMAINS (comma-separated), default customs and finance."""
+    raw = os.environ.get("RISKSCORE_DOMAINS", ",".join(config.DOMAINS))
+    domains = [d.strip() for d in raw.split(",") if d.strip()]
+    unknown = [d for d in domains if d not in config.DOMAINS]
+    if unknown or not domains:
+        raise ServingConfigError(f"RISKSCORE_DOMAINS={raw!r}: use a comma-separated subset of {config.DOMAINS}")
+    return domains
+
+
+def top_n() -> int:
+    return int(os.environ.get("RISKSCORE_TOP_REASONS", DEFAULT_TOP_N))
+
+
+@dataclass
+class RequestMeta:
+    """Who asked (key id and agency from :mod:`serving.auth`), the request id and the optional Idempotency-Key."""
+
+    key_id: str
+    agency: str
+    request_id: str
+    idempotency_key: str | None = None
+
+
+@dataclass
+class ScoreResult:
+    response: dict[str, Any]
+    replayed: bool = False  # the stored reply of an earlier request with the same Idempotency-Key
+
+
+def _version_fields(domain: str, info: Any) -> tuple[str, str]:
+    """(registered name, version) from whatever ``load_champion`` returns as version info."""
+    def get(key: str):
+        return info.get(key) if isinstance(info, dict) else getattr(info, key, None)
+
+    name = get("name") or get("model_name") or config.model_name(domain)
+    version = get("version") or get("model_version") or "unknown"
+    return str(name), str(version)
+
+
+def load_champion(domain: str):
+    """``(bundle, name, version)`` of the domain's champion; a clear error naming the fix if there is none."""
+    try:
+        from training.registry import load_champion as registry_load
+    except ImportError as err:
+        raise ServingConfigError(f"training.registry is not available: {err}") from err
+    try:
+        bundle, info = registry_load(domain)
+    except Exception as err:  # any registry failure: a config error
+        train = f"train and promote one with: riskscore train --domain {domain}; "
+        others = "or serve the other domains only (RISKSCORE_DOMAINS / riskscore serve --domains)"
+        hint = ("" if "riskscore train" in str(err) else train) + others
+        raise ServingConfigError(
+            f"domain '{domain}' has no usable champion model (registered model '{config.model_name(domain)}', "
+            f"alias 'champion', registry {_safe_uri(config.tracking_uri())}): {err}; {hint}"
+        ) from err
+    name, version = _version_fields(domain, info)
+    return bundle, name, version
+
+
+def _safe_uri(uri: str) -> str:
+    """A tracking URI without credentials."""
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
+def history_path(domain: str, bundle) -> Path | None:
+    """Where the domain's entity history comes from: $RISKSCORE_HISTORY_<DOMAIN> or ``bundle.data_path``."""
+    env = f"RISKSCORE_HISTORY_{domain.upper()}"
+    raw = os.environ.get(env)
+    if raw is not None and raw.strip().lower() in ("", "none"):
+        return None
+    raw = raw or getattr(bundle, "data_path", "") or ""
+    if not raw:
+        log.warning("domain %s: the champion records no training data path and %s is unset; "
+                    "features start from an empty history", domain, env)
+        return None
+    path = Path(raw)
+    if not path.exists():
+        raise ServingConfigError(
+            f"domain '{domain}': entity history {raw!r} (the champion's training data) does not exist here; "
+            f"set {env} to the data path, or to 'none' to start with an empty history")
+    return path
+
+
+def load_history(domain: str, path: Path | None) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """Events (with labels) and cases of the history dataset (``features.datasets.load_dataset``)."""
+    if path is None:
+        return None, None
+    from features.datasets import load_dataset
+
+    try:
+        data = load_dataset(domain, path)
+    except Exception as err:  # name the file, whatever broke
+        raise ServingConfigError(f"domain '{domain}': cannot load entity history from {path}: {err}") from err
+    return events_of(data), getattr(data, "cases", None)
+
+
+def body_digest(domain: str, body: bytes) -> str:
+    return hashlib.sha256(domain.encode() + b"\0" + body).hexdigest()
+
+
+class DomainScorer:
+    """Champion bundle + online feature state of one domain (see module docstring)."""
+
+    def __init__(self, domain: str, bundle, model_name: str, model_version: str, online: OnlineFeatures,
+                 score_seq: int = 0, outcome_seq: int = 0):
+        self.domain = domain
+        self.info = domain_info(domain)
+        self.bundle = bundle
+        self.model_name = model_name
+        self.model_version = model_version
+        self.online = online
+        self.fs = online.fs
+        self.lock = threading.RLock()
+        self.retired = False
+        self.stale = False
+        self.score_seq = score_seq
+        self.outcome_seq = outcome_seq
+        self.loaded_at = utcnow()
+
+    # -- construction ------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, domain: str, audit: AuditStore, champion: tuple | None = None) -> DomainScorer:
+        """Load the champion (unless given), seed the history, replay the audit store."""
+        started = time.perf_counter()
+        bundle, name, version = champion or load_champion(domain)
+        fs = domain_feature_set(domain, getattr(bundle, "label_delay_days", None))
+        if getattr(bundle, "feature_set_version", fs.version) != fs.version:
+            raise ServingConfigError(
+                f"domain '{domain}': champion {name} v{version} was trained with feature set "
+                f"{bundle.feature_set_version!r} but this code computes {fs.version!r}; retrain or deploy matching code"
+            )
+        events, cases = load_history(domain, history_path(domain, bundle))
+        online = fs.online(events, cases)
+        known = set(events[fs.id_col].astype(str)) if events is not None else set()
+        scorer = cls(domain, bundle, name, version, online)
+        scorer.apply_replay(audit.replay(domain), skip_ids=known)
+        log.info("domain %s: champion %s v%s ready with %d history events in %.1fs", domain, name, version,
+                 online.events_seen, time.perf_counter() - started)
+        return scorer
+
+    def apply_replay(self, replay: Replay, skip_ids: set[str] | None = None) -> None:
+        """Ingest audited events, outcome labels (dated by their decision) and cases into the state."""
+        events = replay.events
+        if skip_ids and len(events):
+            events = events[~events[self.fs.id_col].astype(str).isin(skip_ids)]
+        if len(events):
+            self.online.ingest(events)
+        self._ingest_labels(replay.labelled)
+        if len(replay.cases):
+            self.online.ingest_cases(replay.cases)
+        self.score_seq = max(self.score_seq, replay.last_score_seq)
+        self.outcome_seq = max(self.outcome_seq, replay.last_outcome_seq)
+
+    def _ingest_labels(self, labelled: pd.DataFrame) -> None:
+        """Labels count from ``max(event time + label delay, decision time)``: never before they were known."""
+        if not len(labelled):
+            return
+        frame = labelled.copy()
+        if "label_known_at" in frame:
+            delay = self.fs.label_delay
+            when = np.maximum(frame[self.fs.time_col] + delay, frame.pop("label_known_at"))
+            frame[self.fs.time_col] = when - delay
+        self.online.ingest_labels(frame)
+
+    # -- scoring -----------------------------------------------------------------------------------------
+    def score(self, items: list, caller: RequestMeta, body: bytes, audit: AuditStore) -> ScoreResult:
+        """Score validated items (caller must hold ``self.lock``); see module docstring."""
+        digest = body_digest(self.domain, body)
+        if caller.idempotency_key:
+            stored = audit.find_request(caller.key_id, caller.idempotency_key)
+            if stored is not None:
+                return self._replayed(stored, digest)
+        rows = [item.model_dump(mode="json") for item in items]
+        frame = events_frame(self.domain, rows)
+        feats = self._features_in_time_order(frame)
+        explanations = self.bundle.explain(feats, top_n=top_n())
+        created = utcnow()
+        out_items, audit_rows = [], []
+        for i, (row, expl) in enumerate(zip(rows, explanations, strict=True)):
+            score_id = str(uuid.uuid4())
+            reasons = [jsonable(vars(r)) for r in expl.reasons]
+            out_items.append({
+                "score_id": score_id, "id": row[self.info.id_col], "score": expl.score, "band": expl.band,
+                "flagged": bool(expl.flagged), "threshold": float(self.bundle.threshold), "reasons": reasons,
+                "base_value": expl.base_value, "raw_margin": expl.raw_margin,
+                "model": {"name": self.model_name, "version": self.model_version},
+            })
+            audit_rows.append({
+                "score_id": score_id, "request_id": caller.request_id, "item_index": i, "created_at": created,
+                "domain": self.domain, "event_id": row[self.info.id_col], "caller_key_id": caller.key_id,
+                "agency": caller.agency, "model_name": self.model_name, "model_version": self.model_version,
+                "input_json": row, "features_json": feats.iloc[i].to_dict(), "score": expl.score,
+                "band": expl.band, "flagged": bool(expl.flagged), "threshold": float(self.bundle.threshold),
+                "explanation_json": {"base_value": expl.base_value, "raw_margin": expl.raw_margin,
+                                     "reasons": reasons, "contributions": expl.contributions},
+            })
+        response = {"request_id": caller.request_id, "domain": self.domain, "items": out_items}
+        request_row = {"request_id": caller.request_id, "created_at": created, "domain": self.domain,
+                       "caller_key_id": caller.key_id, "agency": caller.agency,
+                       "idempotency_key": caller.idempotency_key, "body_sha256": digest, "items": len(items)}
+        try:
+            audit.record_scores(request_row, audit_rows, response)
+        except IdempotencyConflict as conflict:  # pragma: no cover - only with several writers
+            self.stale = True
+            if conflict.stored is not None:
+                return self._replayed(conflict.stored, digest)
+            raise
+        except Exception:
+            self.stale = True  # the state ingested events the audit store does not have: rebuild it
+            raise
+        return ScoreResult(response)
+
+    def _replayed(self, stored, digest: str) -> ScoreResult:
+        if stored.body_sha256 != digest:
+            raise RequestError(422, "Idempotency-Key was already used with a different request body", [
+                {"loc": "header.Idempotency-Key", "msg": "reused with a different request", "type": "conflict"}])
+        return ScoreResult(stored.response, replayed=True)
+
+    def _features_in_time_order(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Features of each distinct event time from the state, then ingest it (batch-training semantics)."""
+        time_col = self.fs.time_col
+        parts = []
+        for _, group in frame.groupby(time_col, sort=True):
+            parts.append(self.online.features(group))
+            self.online.ingest(group)
+        return pd.concat(parts).loc[frame.index]
+
+    def record_outcome(self, audit: AuditStore, score_row: dict, outcome: str, note: str | None,
+                       decided_by: str, agency: str) -> dict:
+        """Store a reviewer outcome and feed it to the state as a label and cases (caller holds the lock)."""
+        stored = audit.record_outcome(score_row["score_id"], outcome, note, decided_by, agency)
+        self.apply_replay(audit.outcome_replay(self.domain, after_outcome_seq=self.outcome_seq))
+        return stored
+
+    def status(self) -> dict[str, Any]:
+        return {"model": {"name": self.model_name, "version": self.model_version},
+                "feature_set": self.fs.version, "history_events": self.online.events_seen,
+                "loaded_at": self.loaded_at.isoformat() + "Z"}
+
+
+class ScorerRegistry:
+    """The live scorer of each served domain; reload swaps a fully built replacement atomically."""
+
+    def __init__(self, domains: list[str], audit: AuditStore):
+        self.domains = list(domains)
+        self.audit = audit
+        self._scorers: dict[str, DomainScorer] = {}
+        self._reload_lock = threading.Lock()
+
+    def start(self) -> None:
+        """Build every domain's scorer; one error listing every domain that cannot be served."""
+        errors = []
+        for domain in self.domains:
+            try:
+                self._scorers = {**self._scorers, domain: DomainScorer.build(domain, self.audit)}
+            except ServingConfigError as err:
+                errors.append(str(err))
+        if errors:
+            raise ServingConfigError("cannot start the scoring service:\n  " + "\n  ".join(errors))
+
+    def get(self, domain: str) -> DomainScorer:
+        scorer = self._scorers.get(domain)
+        if scorer is None:
+            raise RequestError(404, f"domain '{domain}' is not served here (RISKSCORE_DOMAINS)")
+        return scorer
+
+    def run(self, domain: str, fn):
+        """Call ``fn(scorer)`` holding the live scorer's lock (retried on the new one after a swap)."""
+        for _ in range(100):
+            scorer = self.get(domain)
+            with scorer.lock:
+                if scorer.retired:
+                    continue
+                try:
+                    return fn(scorer)
+                finally:
+                    if scorer.stale:
+                        threading.Thread(target=self._rebuild_stale, args=(domain,), daemon=True).start()
+        raise RuntimeError(f"domain {domain}: scorer kept changing during the request")
+
+    def _rebuild_stale(self, domain: str) -> None:
+        try:
+            self.reload([domain], force=True)
+        except Exception:  # logged; the stale one keeps serving
+            log.exception("domain %s: rebuilding the feature state after an audit failure failed", domain)
+
+    def reload(self, domains: list[str] | None = None, force: bool = False) -> dict[str, Any]:
+        """Load each domain's current champion; swap in a rebuilt scorer when the version changed (or ``force``)."""
+        result: dict[str, Any] = {}
+        with self._reload_lock:
+            for domain in domains or self.domains:
+                old = self.get(domain)
+                champion = load_champion(domain)
+                if not force and not old.stale and champion[2] == old.model_version and champion[1] == old.model_name:
+                    result[domain] = {"version": old.model_version, "changed": False}
+                    continue
+                new = DomainScorer.build(domain, self.audit, champion)
+                with old.lock:  # brief: blocks scoring on the old state while the new one catches up
+                    new.apply_replay(self.audit.replay(domain, new.score_seq, new.outcome_seq))
+                    self._scorers = {**self._scorers, domain: new}
+                    old.retired = True
+                log.info("domain %s: swapped champion %s v%s -> v%s", domain, new.model_name, old.model_version,
+                         new.model_version)
+                result[domain] = {"previous_version": old.model_version, "version": new.model_version,
+                                  "changed": True}
+        return result
+
+    def status(self) -> dict[str, Any]:
+        return {domain: scorer.status() for domain, scorer in self._scorers.items()}

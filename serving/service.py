@@ -1,0 +1,407 @@
+"""The BentoML service ``RiskScore``: ``bentoml serve serving.service:RiskScore``.
+
+Routes live in a FastAPI app mounted on the service (path params, 401/403/404/409/413 statuses and
+header access); BentoML supplies the server, ``/healthz``, ``/livez`` and ``/metrics`` (our
+``riskscore_*`` counters and histograms appear there too). ``/readyz`` is answered by a small ASGI
+middleware with the loaded models. Scoring is CPU work and runs in a worker thread.
+
+| route | who | body -> reply |
+|---|---|---|
+| ``POST /score_shipments`` | customs | ``{"items": [Declaration...]}`` -> ``{request_id, domain, items}`` |
+| ``POST /score_transactions`` | financial | ``{"items": [Transfer...]}`` -> same |
+| ``GET /scores/{score_id}`` | reviewer (own agency), admin | stored score, inputs, features, all SHAP contributions |
+| ``POST /outcomes`` | reviewer (own agency) | ``{"score_id", "outcome": confirmed/cleared, "note"}`` -> 201 |
+| ``POST /admin/reload`` | admin | ``{"domains"?: [...], "force"?: bool}`` -> versions before/after |
+| ``GET /readyz`` | anyone | ``{"status": "ready", "domains": {d: {"model": {...}}}}`` |
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+import uuid
+from typing import Any
+
+import bentoml
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from serving import auth
+from serving.audit import AuditStore, OutcomeExists, jsonable
+from serving.domains import DOMAINS, domain_info
+from serving.models import OutcomeIn, RequestError, max_body_bytes, parse_batch, parse_json, parse_model
+from serving.scorer import RequestMeta, ScorerRegistry, ServingConfigError, served_domains
+
+log = logging.getLogger("riskscore.serving")
+access_log = logging.getLogger("riskscore.serving.access")
+
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
+DRAIN_CAP = 32 * 1024 * 1024  # read (and discard) at most this much of an oversized body before answering 413
+
+app = FastAPI(title="riskscore", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; extra fields passed as ``extra={"fields": {...}}``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+               "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        out.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging() -> None:
+    """JSON lines on stderr for every ``riskscore`` logger (idempotent)."""
+    root = logging.getLogger("riskscore")
+    if any(getattr(h, "_riskscore", False) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    handler._riskscore = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+@functools.cache
+def metrics() -> dict[str, Any]:
+    """Prometheus metrics, created in the worker (after BentoML set up multiprocess mode)."""
+    import prometheus_client as prom
+
+    return {
+        "scores": prom.Counter("riskscore_scores_total", "Scored items", ["domain", "band"]),
+        "flagged": prom.Counter("riskscore_flagged_total", "Scored items at or above the threshold", ["domain"]),
+        "score": prom.Histogram("riskscore_score", "Calibrated scores", ["domain"],
+                                buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)),
+        "requests": prom.Counter("riskscore_requests_total", "Requests", ["route", "status"]),
+        "latency": prom.Histogram("riskscore_request_seconds", "Request latency", ["route"],
+                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)),
+        "batch": prom.Histogram("riskscore_batch_items", "Items per scoring request", ["domain"],
+                                buckets=(1, 2, 5, 10, 50, 100, 500, 1000)),
+        "reloads": prom.Counter("riskscore_reloads_total", "Champion swaps", ["domain"]),
+    }
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 past ``limit`` bytes (the rest is drained, up to a cap, so clients see it)."""
+    chunks, size = [], 0
+    declared = request.headers.get("content-length", "")
+    too_big = declared.isdigit() and int(declared) > limit
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            too_big = True
+        if too_big:
+            if size > DRAIN_CAP:
+                break
+            continue
+        chunks.append(chunk)
+    if too_big:
+        raise RequestError(413, f"request body exceeds {limit} bytes; split the batch")
+    return b"".join(chunks)
+
+
+def _state(request: Request) -> dict[str, Any]:
+    return request.scope.setdefault("riskscore", {})
+
+
+def _error(status: int, body: dict[str, Any], request_id: str | None) -> JSONResponse:
+    headers = {"X-Request-ID": request_id} if request_id else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({**body, "request_id": request_id}, status_code=status, headers=headers)
+
+
+@app.exception_handler(RequestError)
+async def _request_error(request: Request, err: RequestError) -> JSONResponse:
+    return _error(err.status, err.body(), _state(request).get("request_id"))
+
+
+@app.exception_handler(auth.AuthError)
+async def _auth_error(request: Request, err: auth.AuthError) -> JSONResponse:
+    return _error(err.status, {"error": str(err)}, _state(request).get("request_id"))
+
+
+@app.exception_handler(ServingConfigError)
+async def _config_error(request: Request, err: ServingConfigError) -> JSONResponse:
+    return _error(503, {"error": str(err)}, _state(request).get("request_id"))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+    rid = _state(request).get("request_id")
+    log.error("unhandled error", exc_info=err, extra={"fields": {"request_id": rid}})
+    return _error(500, {"error": "internal error; the request id is in the server log"}, rid)
+
+
+class AccessLogMiddleware:
+    """Request id + one JSON log line and request metrics per request of the mounted app."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        started = time.perf_counter()
+        state = scope.setdefault("riskscore", {})
+        state["request_id"] = uuid.uuid4().hex
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", state["request_id"].encode())]
+            await send(message)
+
+        try:
+            await self.inner(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            fields = {"request_id": state["request_id"], "method": scope.get("method"), "route": route,
+                      "status": status["code"], "latency_ms": round(elapsed * 1000, 2)}
+            fields.update({k: v for k, v in state.items() if k in ("items", "domain", "key_id", "agency",
+                                                                  "replayed", "client_request_id")})
+            access_log.info("request", extra={"fields": fields})
+            try:
+                m = metrics()
+                m["requests"].labels(route, str(status["code"])).inc()
+                m["latency"].labels(route).observe(elapsed)
+            except Exception:  # metrics must never fail a request
+                log.debug("metrics update failed", exc_info=True)
+
+
+app.add_middleware(AccessLogMiddleware)
+
+
+class ReadyzMiddleware:
+    """Answers ``GET /readyz`` (before BentoML's plain one) with the loaded models, 503 until loaded."""
+
+    def __init__(self, inner, **_options):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") != "/readyz":
+            return await self.inner(scope, receive, send)
+        service = _current()
+        registry = getattr(service, "registry", None)
+        if registry is None:
+            response = JSONResponse({"status": "starting"}, status_code=503)
+        else:
+            response = JSONResponse({"status": "ready", "domains": registry.status()})
+        await response(scope, receive, send)
+
+
+def stop_server() -> None:
+    """Fail fast: ask the ``bentoml serve`` arbiter (our parent) to shut down instead of respawning us forever.
+
+    Set ``RISKSCORE_FAIL_FAST=0`` to keep BentoML's respawn behaviour.
+    """
+    if os.environ.get("RISKSCORE_FAIL_FAST", "1") == "0":
+        return
+    try:
+        import psutil
+
+        parent = psutil.Process(os.getppid())
+        if any("bentoml" in part for part in parent.cmdline()):
+            log.error("stopping the server: fix the error above and start it again")
+            parent.send_signal(signal.SIGTERM)
+    except Exception:  # best effort; BentoML will respawn the worker otherwise
+        log.debug("could not stop the server", exc_info=True)
+
+
+def _current():
+    from _bentoml_sdk.service import get_current_service
+
+    try:
+        return get_current_service()
+    except Exception:  # not initialised yet
+        return None
+
+
+@bentoml.service(
+    name="riskscore",
+    workers=1,  # the online feature state lives in the process: one worker per replica
+    traffic={"timeout": 120},
+    logging={"access": {"enabled": False}},  # our JSON access line replaces BentoML's plain-text one
+)
+@bentoml.asgi_app(app, path="/")
+class RiskScore:
+    """Risk scores with SHAP explanations for customs declarations and money transfers."""
+
+    def __init__(self) -> None:
+        setup_logging()
+        self.domains = served_domains()
+        self.keys = auth.load_keys()
+        self.audit = AuditStore()
+        registry = ScorerRegistry(self.domains, self.audit)
+        try:
+            registry.start()
+        except ServingConfigError as err:
+            log.error(str(err))
+            stop_server()
+            raise
+        self.registry = registry
+        metrics()
+        log.info("riskscore service ready", extra={"fields": {"domains": self.registry.status(),
+                                                              "keys": self.keys.source,
+                                                              "audit": _safe_url(self.audit.url)}})
+
+    def __is_ready__(self) -> bool:
+        return getattr(self, "registry", None) is not None
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        """Release the audit store's connections (SQLite checkpoints its WAL)."""
+        self.audit.close()
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _authorize(self, request: Request, permission: str) -> auth.Caller:
+        caller = self.keys.authorize(auth.presented_key(request.headers), permission)
+        state = _state(request)
+        state["key_id"], state["agency"] = caller.key_id, caller.agency
+        return caller
+
+    async def _json(self, request: Request) -> Any:
+        self._check_content_type(request)
+        return parse_json(await read_body(request, max_body_bytes()))
+
+    async def _score(self, domain: str, request: Request) -> JSONResponse:
+        state = _state(request)
+        state["domain"] = domain
+        caller = self._authorize(request, domain_info(domain).permission)
+        if client_rid := request.headers.get("x-request-id"):
+            state["client_request_id"] = client_rid[:64]
+        idem = request.headers.get("idempotency-key")
+        if idem is not None and not IDEMPOTENCY_KEY.fullmatch(idem):
+            raise RequestError(422, "invalid Idempotency-Key", [
+                {"loc": "header.Idempotency-Key", "msg": "1 to 128 visible ASCII characters", "type": "value_error"}])
+        self._check_content_type(request)
+        body = await read_body(request, max_body_bytes())
+        items = parse_batch(domain, parse_json(body))
+        state["items"] = len(items)
+        who = RequestMeta(key_id=caller.key_id, agency=caller.agency, request_id=state["request_id"],
+                     idempotency_key=idem)
+        result = await run_in_threadpool(
+            self.registry.run, domain, lambda scorer: scorer.score(items, who, body, self.audit))
+        headers = {}
+        if result.replayed:
+            state["replayed"] = True
+            headers["Idempotent-Replayed"] = "true"
+        else:
+            m = metrics()
+            m["batch"].labels(domain).observe(len(items))
+            for item in result.response["items"]:
+                m["scores"].labels(domain, item["band"]).inc()
+                m["score"].labels(domain).observe(item["score"])
+                if item["flagged"]:
+                    m["flagged"].labels(domain).inc()
+        return JSONResponse(result.response, headers=headers)
+
+    @staticmethod
+    def _check_content_type(request: Request) -> None:
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype not in ("application/json", "") and not ctype.endswith("+json"):
+            raise RequestError(415, f"content type {ctype!r} is not supported; send application/json")
+
+    # -- routes ----------------------------------------------------------------------------------------
+    @app.post("/score_shipments")
+    async def score_shipments(self, request: Request) -> JSONResponse:
+        """Score customs declarations (role ``customs``)."""
+        return await self._score("customs", request)
+
+    @app.post("/score_transactions")
+    async def score_transactions(self, request: Request) -> JSONResponse:
+        """Score money transfers (role ``financial``)."""
+        return await self._score("finance", request)
+
+    @app.get("/scores/{score_id}")
+    async def get_score(self, score_id: str, request: Request) -> JSONResponse:
+        """A stored score with inputs, features and every SHAP contribution (reviewer: own agency; admin)."""
+        caller = self._authorize(request, "scores:read")
+        row = await run_in_threadpool(self.audit.get_score, score_id) if len(score_id) <= 64 else None
+        if row is None or (caller.role != "admin" and row["agency"] != caller.agency):
+            raise RequestError(404, f"score {score_id[:64]!r} not found")
+        expl = row["explanation_json"]
+        outcome = None
+        if row["outcome"] is not None:
+            outcome = {"outcome": row["outcome"], "note": row["note"], "decided_at": jsonable(row["decided_at"])}
+        return JSONResponse(jsonable({
+            "score_id": row["score_id"], "request_id": row["request_id"], "created_at": row["created_at"],
+            "domain": row["domain"], "id": row["event_id"], "agency": row["agency"],
+            "model": {"name": row["model_name"], "version": row["model_version"]},
+            "score": row["score"], "band": row["band"], "flagged": row["flagged"], "threshold": row["threshold"],
+            "base_value": expl["base_value"], "raw_margin": expl["raw_margin"], "reasons": expl["reasons"],
+            "contributions": expl["contributions"], "input": row["input_json"], "features": row["features_json"],
+            "outcome": outcome,
+        }))
+
+    @app.post("/outcomes", status_code=201)
+    async def post_outcome(self, request: Request) -> JSONResponse:
+        """Record a reviewer's decision on a score of their agency; it becomes a case for training and features."""
+        caller = self._authorize(request, "outcomes:write")
+        body = parse_model(OutcomeIn, await self._json(request))
+        row = await run_in_threadpool(self.audit.get_score, body.score_id)
+        if row is None or row["agency"] != caller.agency:
+            raise RequestError(404, f"score {body.score_id!r} not found")
+
+        def record() -> dict:
+            if row["domain"] in self.registry.domains:
+                return self.registry.run(row["domain"], lambda scorer: scorer.record_outcome(
+                    self.audit, row, body.outcome, body.note, caller.key_id, caller.agency))
+            return self.audit.record_outcome(body.score_id, body.outcome, body.note, caller.key_id, caller.agency)
+
+        try:
+            stored = await run_in_threadpool(record)
+        except OutcomeExists as err:
+            raise RequestError(409, str(err)) from None
+        return JSONResponse(jsonable({k: stored[k] for k in ("score_id", "outcome", "note", "decided_at")}
+                                     | {"decided_by": caller.key_id}), status_code=201)
+
+    @app.post("/admin/reload")
+    async def admin_reload(self, request: Request) -> JSONResponse:
+        """Reload API keys and swap in each domain's current champion (admin)."""
+        self._authorize(request, "admin")
+        raw = await read_body(request, max_body_bytes())
+        payload = parse_json(raw) if raw.strip() else {}
+        if not isinstance(payload, dict) or set(payload) - {"domains", "force"}:
+            raise RequestError(422, "body must be {\"domains\": [...], \"force\": false} or empty")
+        domains = payload.get("domains") or None
+        if domains is not None and (not isinstance(domains, list) or any(d not in DOMAINS for d in domains)):
+            raise RequestError(422, "request failed validation", [
+                {"loc": "domains", "msg": f"a list of {', '.join(DOMAINS)}", "type": "value_error"}])
+        try:
+            keys = await run_in_threadpool(auth.load_keys)
+            result = await run_in_threadpool(self.registry.reload, domains, bool(payload.get("force", False)))
+        except (ServingConfigError, ValueError) as err:
+            raise RequestError(409, f"reload failed; the current models keep serving: {err}") from None
+        self.keys = keys
+        for domain, change in result.items():
+            if change.get("changed"):
+                metrics()["reloads"].labels(domain).inc()
+        return JSONResponse({"domains": result, "ready": self.registry.status()})
+
+
+RiskScore.add_asgi_middleware(ReadyzMiddleware)
+
+
+def _safe_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+__all__ = ["RiskScore", "app"]
