@@ -16,6 +16,7 @@ Times are integer seconds since the epoch (:func:`to_seconds`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -111,6 +112,20 @@ def _key_codes(src: pd.DataFrame, keys: tuple[str, ...], query: pd.DataFrame, qk
     return codes[:n], codes[n:]
 
 
+def _origin(sts: np.ndarray, qts: np.ndarray, window: int | None) -> int:
+    """Time origin of the packed ``key * _SPAN + (t - t0)`` keys: below every source and query time (and window
+    start), so offsets stay in ``[0, _SPAN)`` whatever the epoch (also after 2038, when ``t > 2**31``)."""
+    lows = [int(a.min()) for a in (sts, qts) if len(a)]
+    return (min(lows) if lows else 0) - (window or 0) - 1
+
+
+def _missing(value) -> bool:
+    """A missing key part (None, NA, NaN) -- a cheap scalar test for the online hot path."""
+    if value is None or value is pd.NA:
+        return True
+    return isinstance(value, float) and value != value
+
+
 def _window_sums(
     skey: np.ndarray, sts: np.ndarray, svals: np.ndarray, qkey: np.ndarray, qts: np.ndarray,
     window: int | None, t0: int,
@@ -119,10 +134,18 @@ def _window_sums(
     order = np.lexsort((sts, skey))
     skey, sts, svals = skey[order], sts[order], svals[order]
     comb = skey * _SPAN + (sts - t0)
-    qbase = qkey * _SPAN
-    hi = np.searchsorted(comb, qbase + (qts - t0), side="left")
-    start = np.searchsorted(comb, qbase, side="left")
-    lo = start if window is None else np.searchsorted(comb, qbase + np.maximum(qts - window - t0, 0), "left")
+    # Sorted needles: searchsorted walks the haystack once (cache friendly) instead of jumping around.
+    qorder = np.lexsort((qts, qkey))
+    qbase = qkey[qorder] * _SPAN
+    qoff = qts[qorder] - t0
+    hi, start = np.empty(len(qts), np.int64), np.empty(len(qts), np.int64)
+    hi[qorder] = np.searchsorted(comb, qbase + qoff, side="left")
+    start[qorder] = np.searchsorted(comb, qbase, side="left")
+    if window is None:
+        lo = start
+    else:
+        lo = np.empty(len(qts), np.int64)
+        lo[qorder] = np.searchsorted(comb, qbase + np.maximum(qoff - window, 0), side="left")
     # Per-key running sums (sequential, like the online executor) keep both paths bit-identical.
     group_cum = pd.DataFrame(svals).groupby(skey).cumsum().to_numpy(np.float64) if len(skey) else svals
 
@@ -150,7 +173,7 @@ def batch_aggregate(spec: Spec, source: pd.DataFrame, query: pd.DataFrame, t_col
     svals = source.loc[keep, list(spec.values)].to_numpy(np.float64) if spec.values else np.zeros((keep.sum(), 0))
     svals = np.nan_to_num(svals, nan=0.0)
     qts = query[t_col].to_numpy(np.int64)
-    t0 = int(min(sts.min(initial=qts.min(initial=0)), qts.min(initial=0))) - (spec.window_s or 0) - 1
+    t0 = _origin(sts, qts, spec.window_s)
     counts, sums, hi, start, _lo, sorted_ts = _window_sums(skey[keep], sts, svals, qkey, qts, spec.window_s, t0)
     counts = np.where(qkey >= 0, counts, 0)
     out = {f"{spec.name}_n": counts.astype(np.float64)}
@@ -190,6 +213,22 @@ class _KeySeries:
         self.n += 1
 
 
+def _key_tuples(rows: pd.DataFrame, keys: tuple[str, ...]) -> list[tuple]:
+    """Composite keys of ``rows`` as tuples of plain Python values (no pandas index building)."""
+    return list(zip(*(rows[k].to_numpy(dtype=object).tolist() for k in keys), strict=True))
+
+
+def _group_codes(rows: pd.DataFrame, keys: tuple[str, ...]) -> np.ndarray:
+    """One integer per distinct composite key of ``rows`` (-1 where any part is missing)."""
+    parts = [pd.factorize(rows[k], use_na_sentinel=True)[0].astype(np.int64) for k in keys]
+    if len(parts) == 1:
+        return parts[0]
+    frame = pd.DataFrame({i: p for i, p in enumerate(parts)})
+    codes = frame.groupby(list(frame.columns), sort=False).ngroup().to_numpy(np.int64)
+    codes[np.any(np.column_stack(parts) < 0, axis=1)] = -1
+    return codes
+
+
 class OnlineAggregate:
     """Online executor of one :class:`Agg`: ingest source rows, answer queries at any time."""
 
@@ -198,36 +237,57 @@ class OnlineAggregate:
         self._series: dict[tuple, _KeySeries] = {}
         self._width = len(spec.values)
 
+    def _values(self, rows: pd.DataFrame) -> np.ndarray:
+        vals = rows[list(self.spec.values)].to_numpy(np.float64) if self._width else np.zeros((len(rows), 0))
+        return np.nan_to_num(vals, nan=0.0)
+
     def ingest(self, rows: pd.DataFrame, t_col: str = "_t") -> None:
         """Add source rows (any order; each key's history stays sorted)."""
-        vals = rows[list(self.spec.values)].to_numpy(np.float64) if self._width else np.zeros((len(rows), 0))
-        vals = np.nan_to_num(vals, nan=0.0)
+        vals = self._values(rows)
         ts = rows[t_col].to_numpy(np.int64)
-        keys = pd.MultiIndex.from_frame(rows[list(self.spec.keys)].astype(object))
         if not self._series and len(rows) > 1000:
-            self._bulk_load(keys, ts, vals)
+            self._bulk_load(rows, ts, vals)
             return
-        for key, t, v in zip(keys, ts, vals, strict=True):
-            self.add(key, int(t), v)
+        for key, t, v in zip(_key_tuples(rows, self.spec.keys), ts.tolist(), vals, strict=True):
+            self.add(key, t, v)
 
-    def _bulk_load(self, keys: pd.MultiIndex, ts: np.ndarray, vals: np.ndarray) -> None:
-        codes, uniques = pd.factorize(keys)
-        order = np.lexsort((ts, codes))
+    def ingest_columns(self, columns: Mapping[str, Sequence], rows: Sequence[int]) -> None:
+        """Add source rows ``rows`` given as plain columns (lists/arrays by name, times in ``"_t"``).
+
+        The pandas-free path for serving, where a few rows are added at a time.
+        """
+        keys = [columns[k] for k in self.spec.keys]
+        ts = columns["_t"]
+        rows = list(rows)
+        if self._width:
+            vals = np.column_stack([np.asarray(columns[v], dtype=np.float64)[rows] for v in self.spec.values])
+            if not np.isfinite(vals).all():  # the check is cheaper than nan_to_num for a few rows
+                vals = np.nan_to_num(vals, nan=0.0)
+        else:
+            vals = np.zeros((len(rows), 0))
+        for i, v in zip(rows, vals, strict=True):
+            self.add(tuple(k[i] for k in keys), int(ts[i]), v)
+
+    def _bulk_load(self, rows: pd.DataFrame, ts: np.ndarray, vals: np.ndarray) -> None:
+        codes = _group_codes(rows, self.spec.keys)
+        keep = np.flatnonzero(codes >= 0)
+        order = keep[np.lexsort((ts[keep], codes[keep]))]
         codes, ts, vals = codes[order], ts[order], vals[order]
         bounds = np.flatnonzero(np.diff(codes)) + 1
-        starts = np.concatenate([[0], bounds])
-        ends = np.concatenate([bounds, [len(codes)]])
-        for s, e in zip(starts, ends, strict=True):
-            key = uniques[codes[s]]
-            if any(pd.isna(k) for k in key):
-                continue
-            cum = np.zeros((e - s + 1, self._width))
-            np.cumsum(vals[s:e], axis=0, out=cum[1:])
-            self._series[key] = _KeySeries(ts=ts[s:e].copy(), cum=cum, n=e - s)
+        starts = np.concatenate([[0], bounds]).astype(np.int64) if len(codes) else np.zeros(0, np.int64)
+        ends = np.concatenate([bounds, [len(codes)]]).astype(np.int64) if len(codes) else starts
+        cum = np.zeros((len(codes) + len(starts), self._width))  # each key: a 0 row, then its running sums
+        if len(codes):
+            # per-key running sums, sequential like _KeySeries.add (bit-identical to row-by-row ingestion)
+            grouped = pd.DataFrame(vals).groupby(codes, sort=False).cumsum().to_numpy(np.float64)
+            cum[np.arange(len(codes)) + np.repeat(np.arange(len(starts)) + 1, ends - starts)] = grouped
+        firsts = _key_tuples(rows.iloc[order[starts]], self.spec.keys)
+        for j, (key, s, e) in enumerate(zip(firsts, starts.tolist(), ends.tolist(), strict=True)):
+            self._series[key] = _KeySeries(ts=ts[s:e].copy(), cum=cum[s + j : e + j + 1].copy(), n=e - s)
 
     def add(self, key: tuple, t: int, vals: np.ndarray) -> None:
         """Add one source row."""
-        if any(pd.isna(k) for k in key):
+        if any(_missing(k) for k in key):
             return
         series = self._series.get(key)
         if series is None:
@@ -237,14 +297,16 @@ class OnlineAggregate:
     def query(self, key: tuple, t: int) -> list[float]:
         """Feature values for one query row with key ``key`` at time ``t`` (same order as columns())."""
         spec = self.spec
-        series = None if any(pd.isna(k) for k in key) else self._series.get(key)
+        series = None if any(_missing(k) for k in key) else self._series.get(key)
         extra = 2 if spec.recency else 0
         if series is None or series.n == 0:
             return [0.0] * (1 + self._width) + [np.nan] * extra
         ts = series.ts[: series.n]
-        hi = int(np.searchsorted(ts, t, side="left"))
-        lo = 0 if spec.window_s is None else int(np.searchsorted(ts, t - spec.window_s, side="left"))
-        out = [float(hi - lo), *(series.cum[hi] - series.cum[lo]).tolist()]
+        hi = int(ts.searchsorted(t, side="left"))
+        lo = 0 if spec.window_s is None else int(ts.searchsorted(t - spec.window_s, side="left"))
+        out = [float(hi - lo)]
+        if self._width:
+            out += (series.cum[hi] - series.cum[lo]).tolist()
         if spec.recency:
             out += [float(t - ts[hi - 1]), float(t - ts[0])] if hi > 0 else [np.nan, np.nan]
         return out
@@ -263,17 +325,27 @@ class OnlineDistinct:
 
     def ingest(self, rows: pd.DataFrame, t_col: str = "_t") -> None:
         cols = [*self.spec.keys, self.spec.other]
-        for *key, other, t in rows[[*cols, t_col]].itertuples(index=False, name=None):
-            if other is None or pd.isna(other) or any(pd.isna(k) for k in key):
-                continue
-            pair = (*key, other)
-            prev = self._first.get(pair)
-            t = int(t)
-            if prev is None or t < prev:
-                self._first[pair] = t
-                if prev is not None:  # an earlier first sighting arrived late: move it
-                    self._remove(tuple(key), prev)
-                self._agg.add(tuple(key), t, _NO_VALUES)
+        for *key, other, t in zip(*(rows[c].to_numpy(dtype=object).tolist() for c in cols),
+                                  rows[t_col].to_numpy(np.int64).tolist(), strict=True):
+            self.add(tuple(key), other, t)
+
+    def ingest_columns(self, columns: Mapping[str, Sequence], rows: Sequence[int]) -> None:
+        """Add source rows ``rows`` given as plain columns (see :meth:`OnlineAggregate.ingest_columns`)."""
+        keys, other, ts = [columns[k] for k in self.spec.keys], columns[self.spec.other], columns["_t"]
+        for i in rows:
+            self.add(tuple(k[i] for k in keys), other[i], int(ts[i]))
+
+    def add(self, key: tuple, other, t: int) -> None:
+        """Add one source row: ``other`` seen with ``key`` at ``t``."""
+        if _missing(other) or any(_missing(k) for k in key):
+            return
+        pair = (*key, other)
+        prev = self._first.get(pair)
+        if prev is None or t < prev:
+            self._first[pair] = t
+            if prev is not None:  # an earlier first sighting arrived late: move it
+                self._remove(key, prev)
+            self._agg.add(key, t, _NO_VALUES)
 
     def _remove(self, key: tuple, t: int) -> None:
         series = self._agg._series[key]

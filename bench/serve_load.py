@@ -1,0 +1,296 @@
+"""Load test of the real BentoML server next to the raw LightGBM ceiling, in one run.
+
+Trains both domains on synthetic data into a throw-away MLflow registry, starts
+``python -m bentoml serve serving.service:RiskScore`` on a free 127.0.0.1 port (temporary home, audit store and
+keys; rate limit off), then:
+
+* single-item scoring: ``--users`` threads, each with its own HTTP client, post one item per request for
+  ``--duration`` seconds (bounded by ``--max-requests``) -> p50/p90/p99 latency and requests/s;
+* batch scoring: ``--batches`` requests of ``--batch-size`` items (with explanations) -> items/s;
+* the same items in-process: the serving path (:func:`serving.scorer.feature_columns_in_time_order` +
+  :func:`serving.scorer.explain`) and raw ``booster.predict`` + ``predict(pred_contrib=True)`` on the same
+  feature matrix (the ceiling), reported as ratios.
+
+Items are the latest events of the training data with fresh ids, moved after the end of the history.
+
+    python -m bench.serve_load [--customs-rows 10000] [--finance-rows 20000] [--users 4] [--duration 20]
+                               [--batch-size 1000] [--batches 3] [--compare-old] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+
+from bench.common import api_items, dataset, events_and_cases, machine, percentiles, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+ROUTE = {"customs": "/score_shipments", "finance": "/score_transactions"}
+ROLE = {"customs": "customs", "finance": "financial"}
+TIME_COL = {"customs": "date", "finance": "timestamp"}
+ID_COL = {"customs": "declaration_id", "finance": "transaction_id"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def new_events(domain: str, events: pd.DataFrame, n: int, label_col: str) -> pd.DataFrame:
+    """The latest ``n`` events with fresh ids, shifted to just after the history (relative times kept)."""
+    tail = events.iloc[-n:].drop(columns=[label_col]).copy()
+    col = TIME_COL[domain]
+    shift = events[col].max() - tail[col].min() + pd.Timedelta(days=1)
+    if domain == "customs":
+        shift = pd.Timedelta(days=shift.days)
+    tail[col] = tail[col] + shift
+    tail[ID_COL[domain]] = [f"B{i}-{time.time_ns()}" for i in range(len(tail))]
+    return tail.reset_index(drop=True)
+
+
+class Running:
+    def __init__(self, url: str, keys: dict[str, str], proc: subprocess.Popen, log: Path):
+        self.url, self.keys, self.proc, self.log = url, keys, proc, log
+
+    def headers(self, role: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[role]}"}
+
+
+def start_server(root: Path, data: dict[str, Path], rounds: int | None) -> tuple[Running, dict]:
+    from serving import auth
+    from training.pipeline import TrainConfig, train
+
+    env = {**os.environ, "RISKSCORE_HOME": str(root / "home"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "RISKSCORE_ARTIFACT_ROOT": (root / "artifacts").as_uri(), "RISKSCORE_KEYS_FILE": str(root / "keys.json"),
+           "RISKSCORE_DOMAINS": "customs,finance", "RISKSCORE_FAIL_FAST": "1", "RISKSCORE_RATE_LIMIT": "0",
+           "BENTOML_HOME": str(root / "bentoml"), "PYTHONUNBUFFERED": "1"}
+    env.pop("RISKSCORE_AUDIT_URL", None)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: env[k] for k in ("RISKSCORE_HOME", "MLFLOW_TRACKING_URI", "RISKSCORE_ARTIFACT_ROOT",
+                                           "RISKSCORE_KEYS_FILE")})
+    bundles, keys = {}, {}
+    try:
+        for domain, path in data.items():
+            config = TrainConfig(seed=0, quiet=True, num_threads=1)
+            if rounds:
+                from dataclasses import replace
+
+                config = replace(config, lgbm=replace(config.lgbm, num_boost_round=rounds))
+            started = time.perf_counter()
+            result = train(domain, path, config=config)
+            took = time.perf_counter() - started
+            print(f"trained {domain}: {result.bundle.booster.num_trees()} trees in {took:.0f}s", flush=True)
+            bundles[domain] = result.bundle
+        for role in ("customs", "financial"):
+            keys[role] = auth.add_key(role, "BENCH", root / "keys.json")[0]
+    finally:
+        for k, v in saved.items():
+            if k in ("RISKSCORE_HOME", "MLFLOW_TRACKING_URI", "RISKSCORE_ARTIFACT_ROOT", "RISKSCORE_KEYS_FILE"):
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    port = _free_port()
+    log = root / "server.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:RiskScore", "--host",
+                                 "127.0.0.1", "--port", str(port)], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise RuntimeError("server not ready after 300s")
+        time.sleep(0.5)
+    return Running(url, keys, proc, log), bundles
+
+
+def single_load(server: Running, domain: str, pool: list[dict], users: int, duration: float,
+                max_requests: int) -> dict:
+    """``users`` threads posting one item per request until ``duration`` s or ``max_requests`` in total."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    counter = iter(range(max_requests))
+    stop = time.monotonic() + duration
+
+    def user() -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            while time.monotonic() < stop:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                item = dict(pool[i % len(pool)], **{ID_COL[domain]: f"S{i}-{time.time_ns()}"})
+                started = time.perf_counter()
+                r = client.post(ROUTE[domain], json={"items": [item]}, headers=server.headers(ROLE[domain]))
+                elapsed = time.perf_counter() - started
+                with lock:
+                    (latencies if r.status_code == 200 else errors).append(elapsed if r.status_code == 200 else
+                                                                          f"{r.status_code} {r.text[:200]}")
+
+    with httpx.Client(base_url=server.url, timeout=60) as warm:  # warm-up, not measured
+        for i in range(5):
+            item = dict(pool[i], **{ID_COL[domain]: f"W{i}-{time.time_ns()}"})
+            warm.post(ROUTE[domain], json={"items": [item]}, headers=server.headers(ROLE[domain]))
+    started = time.perf_counter()
+    threads = [threading.Thread(target=user) for _ in range(users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    out = {"users": users, **percentiles(latencies), "requests_per_s": len(latencies) / wall, "errors": len(errors)}
+    if errors:
+        out["first_error"] = errors[0]
+    return out
+
+
+def batch_load(server: Running, domain: str, batches: list[list[dict]]) -> dict:
+    times = []
+    with httpx.Client(base_url=server.url, timeout=600) as client:
+        for items in batches:
+            started = time.perf_counter()
+            r = client.post(ROUTE[domain], json={"items": items}, headers=server.headers(ROLE[domain]))
+            times.append(time.perf_counter() - started)
+            if r.status_code != 200:
+                raise RuntimeError(f"batch request failed: {r.status_code} {r.text[:300]}")
+            assert len(r.json()["items"]) == len(items) and r.json()["items"][0]["reasons"] is not None
+    n = len(batches[0])
+    return {"batch_size": n, "requests": len(times), "seconds": times, "items_per_s": n / min(times),
+            "items_per_s_mean": n * len(times) / sum(times)}
+
+
+def in_process(domain: str, bundle, events: pd.DataFrame, cases, frame: pd.DataFrame, compare_old: bool) -> dict:
+    """Serving path in-process and raw LightGBM on the same matrix (best of 3)."""
+    from features.domains import feature_set
+    from serving.scorer import contrib_threads, explain, feature_columns_in_time_order, model_array
+
+    fs = feature_set(domain, bundle.label_delay_days)
+    seeded = fs.online(events, cases)
+    out: dict = {}
+    served = []
+    for _ in range(3):
+        state = copy.deepcopy(seeded)
+        started = time.perf_counter()
+        cols = feature_columns_in_time_order(state, frame)
+        feats_s = time.perf_counter() - started
+        explain(bundle, cols)
+        served.append((time.perf_counter() - started, feats_s))
+    total, feats_s = min(served)
+    X = model_array(bundle, cols)
+    nt = contrib_threads(len(X))
+    raw = []
+    for _ in range(3):
+        started = time.perf_counter()
+        bundle.booster.predict(X, num_threads=nt)
+        bundle.booster.predict(X, pred_contrib=True, num_threads=nt)
+        raw.append(time.perf_counter() - started)
+    single_raw, single_served = [], []
+    state = copy.deepcopy(seeded)
+    for i in range(min(len(frame), 200)):
+        started = time.perf_counter()
+        bundle.booster.predict(X[i : i + 1], num_threads=1)
+        bundle.booster.predict(X[i : i + 1], pred_contrib=True, num_threads=1)
+        single_raw.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        explain(bundle, feature_columns_in_time_order(state, frame.iloc[i : i + 1]))
+        single_served.append(time.perf_counter() - started)
+    n = len(frame)
+    out.update({"items": n, "raw_items_per_s": n / min(raw), "served_items_per_s": n / total,
+                "features_ms_per_item": feats_s / n * 1e3, "batch_ratio_vs_raw": min(raw) / total,
+                "raw_single": percentiles(single_raw), "served_single": percentiles(single_served),
+                "contrib_threads": nt})
+    if compare_old:  # the previous path: pandas per distinct time + ModelBundle.explain
+        state = copy.deepcopy(seeded)
+        started = time.perf_counter()
+        parts = []
+        for _, group in frame.groupby(fs.time_col, sort=True):
+            parts.append(state.features(group))
+            state.ingest(group)
+        bundle.explain(pd.concat(parts).loc[frame.index])
+        out["old_items_per_s"] = n / (time.perf_counter() - started)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--customs-rows", type=int, default=10_000)
+    parser.add_argument("--finance-rows", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=None, help="cap LightGBM boosting rounds (default: training's)")
+    parser.add_argument("--users", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of single-item load per domain")
+    parser.add_argument("--max-requests", type=int, default=5_000)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--compare-old", action="store_true", help="also time the previous in-process path")
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows = {"customs": args.customs_rows, "finance": args.finance_rows}
+    with tempfile.TemporaryDirectory(prefix="riskscore-load-") as tmp:
+        root = Path(tmp)
+        work = args.work or root
+        data = {d: dataset(d, n, work) for d, n in rows.items()}
+        server, bundles = start_server(root, data, args.rounds)
+        results: dict = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "domains": {}}
+        try:
+            for domain in ("customs", "finance"):
+                events, cases = events_and_cases(domain, data[domain])
+                label = "fraud" if domain == "customs" else "is_laundering"
+                pool = new_events(domain, events, args.batch_size, label)
+                items = api_items(domain, pool)
+                res = {"history_events": len(events), "trees": bundles[domain].booster.num_trees()}
+                res["in_process"] = in_process(domain, bundles[domain], events, cases, pool, args.compare_old)
+                res["single_1_user"] = single_load(server, domain, items, 1, args.duration, args.max_requests)
+                res["single"] = single_load(server, domain, items, args.users, args.duration, args.max_requests)
+                batches = []
+                for b in range(args.batches):  # each batch later than the previous one, fresh ids
+                    shifted = new_events(domain, pd.concat([events, pool]), args.batch_size, label) if b else pool
+                    pool = shifted
+                    batches.append(api_items(domain, shifted))
+                res["batch"] = batch_load(server, domain, batches)
+                res["batch_ratio_http_vs_raw"] = res["batch"]["items_per_s"] / res["in_process"]["raw_items_per_s"]
+                results["domains"][domain] = res
+                one = res["single_1_user"]
+                print(f"{domain}: single, 1 user: p50 {one['p50_ms']:.1f} ms p99 {one['p99_ms']:.1f} ms; "
+                      f"{args.users} users: p50 {res['single']['p50_ms']:.1f} ms p99 {res['single']['p99_ms']:.1f} ms "
+                      f"({res['single']['requests_per_s']:.0f} req/s, {res['single']['errors']} errors); "
+                      f"batch {res['batch']['items_per_s']:.0f} items/s over HTTP, "
+                      f"{res['in_process']['served_items_per_s']:.0f} in-process, "
+                      f"raw {res['in_process']['raw_items_per_s']:.0f} "
+                      f"-> HTTP/raw {res['batch_ratio_http_vs_raw']:.2f}",
+                      flush=True)
+        finally:
+            server.proc.terminate()
+            try:
+                server.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.proc.kill()
+    write_json(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
