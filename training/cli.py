@@ -34,6 +34,9 @@ def _one_line(err: Exception) -> str:
               help="Time budget of the search in seconds (alone: as many trials as fit).")
 @click.option("--num-threads", type=int, default=2, show_default=True, help="LightGBM threads.")
 @click.option("--no-register", is_flag=True, help="Track the run but do not register or promote the model.")
+@click.option("--engine", type=click.Choice(["pandas", "dask"]), default="pandas", show_default=True,
+              help="dask: build features and train LightGBM on a Dask cluster (pip install 'riskscore[dask]').")
+@click.option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (default: a local 2-worker cluster).")
 @click.option("--config", "config_file", type=EXISTING,
               help="TOML file with the same keys (e.g. capacity = 0.02, [lgbm] num_leaves = 63); flags win.")
 @click.pass_context
@@ -47,6 +50,7 @@ def train_cmd(ctx: click.Context, config_file: Path | None, **flags) -> None:
     Examples:
       riskscore train --domain customs --data data/customs
       riskscore train --domain customs --train df_syn_train_eng.csv --eval df_syn_valid_eng.csv
+      riskscore train --domain finance --data data/finance --engine dask --scheduler tcp://host:8786
     """
     from training.pipeline import load_config, read_toml, train
 

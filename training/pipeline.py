@@ -71,6 +71,8 @@ class TrainConfig:
     shuffle_labels: bool = False  # sanity check: permute labels before features; every metric should be chance
     shap_sample: int = 1000
     quiet: bool = False
+    engine: str = "pandas"  # "dask": features and the full LightGBM on a Dask cluster (features.dask_engine)
+    scheduler: str | None = None  # Dask scheduler address (tcp://host:8786); None: an in-process LocalCluster
 
     def lgbm_config(self) -> LGBMConfig:
         return replace(self.lgbm, seed=self.seed, num_threads=self.num_threads)
@@ -330,7 +332,16 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
     if config.shuffle_labels:
         data = shuffle_labels(domain, data, fs.label_col, config.seed, config.label_delay_days)
     lap("load")
-    features = fs.build(data.events, data.cases)
+    if config.engine not in ("pandas", "dask"):
+        raise ValueError(f"engine must be pandas or dask, not {config.engine!r}")
+    if config.engine == "dask":
+        from features import dask_engine
+        from training.dask_train import connect
+
+        client = connect(config.scheduler)
+        features = dask_engine.build(fs, data.events, data.cases, client=client)
+    else:
+        features = fs.build(data.events, data.cases)
     lap("features")
     split = make_split(data, fs, config)
     y_all = _labels(data.events, fs).to_numpy(float)
@@ -350,8 +361,15 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
 
     lcfg = config.lgbm_config()
     trials = config.search_trials or (UNBOUNDED_TRIALS if config.search_seconds else 0)  # time-bounded only
-    full, search_log = random_search(X["train"], y["train"], X["validation"], y["validation"], fs.categorical, lcfg,
-                                     trials=trials, seconds=config.search_seconds)
+    if config.engine == "dask":
+        from training.dask_train import random_search_dask
+
+        full, search_log = random_search_dask(X["train"], y["train"], X["validation"], y["validation"],
+                                              fs.categorical, lcfg, trials=trials, seconds=config.search_seconds,
+                                              client=client)
+    else:
+        full, search_log = random_search(X["train"], y["train"], X["validation"], y["validation"], fs.categorical,
+                                         lcfg, trials=trials, seconds=config.search_seconds)
     margins = {w: full.raw_margin(X[w]) for w in windows}
     models["full"] = _finish_model("full", margins, y["calibration"], data, fs, split, config, fs.names)
     lap("lgbm_full")
