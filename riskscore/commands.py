@@ -115,26 +115,44 @@ def score_cmd(domain: str, in_path: str, out_file: str, top_n: int) -> None:
 @DOMAIN
 @click.option("--data", "in_path", type=click.Path(exists=True), default=None,
               help="Recent events to compare (default: the service's recent scores in the audit store).")
+@click.option("--window", type=click.IntRange(1), default=5000, show_default=True,
+              help="Without --data: how many of the latest audited scores to compare.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def drift_cmd(domain: str, in_path: str | None, as_json: bool) -> None:
+@click.option("--fail-on-retrain", is_flag=True, help="Exit with status 3 when retraining is due (for cron/CI).")
+def drift_cmd(domain: str, in_path: str | None, window: int, as_json: bool, fail_on_retrain: bool) -> None:
     """PSI of each feature and of the score against the champion's training reference."""
-    from training.drift import drift_report
+    from training.drift import drift_report, drift_summary
 
     if in_path:
         bundle, _info, _ids, feats, explanations = _score_frame(domain, in_path, 1)
         scores = [e.score for e in explanations]
+        source = in_path
     else:
         from serving.audit import AuditStore
         from training.registry import load_champion
 
-        bundle, _info = load_champion(domain)
-        feats, scores = AuditStore.from_config().recent_features(domain)
+        bundle, info = load_champion(domain)
+        store = AuditStore()
+        try:  # the champion's own scores; any version's if it has scored nothing yet
+            feats, scores = store.recent_features(domain, window, model_version=str(info.version))
+            if not len(scores):
+                feats, scores = store.recent_features(domain, window)
+        finally:
+            store.close()
+        source = f"the latest {len(scores):,} audited scores"
     if not len(feats):
         raise click.ClickException("no recent events to compare: pass --data or score some items first")
+    if not (bundle.reference or {}).get("features"):
+        raise click.ClickException(f"the {domain} champion has no drift reference: retrain it with this version")
     report = drift_report(bundle.reference, feats, scores)
+    summary = drift_summary(report)
     if as_json:
-        click.echo(json.dumps(report.to_dict(orient="records"), indent=1))
+        click.echo(json.dumps({"domain": domain, "source": source, "items": len(scores), **summary,
+                               "report": report.to_dict(orient="records")}, indent=1))
     else:
+        click.echo(f"{domain}: {len(scores):,} recent items ({source}) against {bundle.reference.get('rows', '?')} "
+                   "training rows")
         click.echo(report.head(20).to_string(index=False))
-    worst = report["status"].iloc[0]
-    click.echo({"retrain": "retraining is due", "watch": "drift to watch", "ok": "no drift"}[worst])
+        click.echo({"retrain": "retraining is due", "watch": "drift to watch", "ok": "no drift"}[summary["status"]])
+    if fail_on_retrain and summary["retrain_due"]:
+        raise SystemExit(3)

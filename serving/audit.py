@@ -193,6 +193,112 @@ class AuditStore:
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
+    # -- reviewer workspace (serving/review) ------------------------------------------------------------
+    def review_queue(self, *, agency: str | None = None, domain: str | None = None, band: str | None = None,
+                     flagged: bool | None = True, status: str | None = None, since: dt.datetime | None = None,
+                     until: dt.datetime | None = None, order: str = "newest", limit: int = 25,
+                     offset: int = 0) -> QueuePage:
+        """Scored items for reviewers, filtered (``agency=None``: every agency) and paginated.
+
+        ``flagged=True`` keeps items at or above their threshold, ``status`` is ``open`` (no outcome yet),
+        ``confirmed`` or ``cleared``; ``since``/``until`` bound the scoring time (``until`` exclusive);
+        ``order`` is ``newest`` (latest scored first) or ``risk`` (highest score first, then newest).
+        """
+        if order not in REVIEW_ORDERS:
+            raise ValueError(f"unknown order {order!r}: use one of {', '.join(REVIEW_ORDERS)}")
+        joined = scores.outerjoin(outcomes, outcomes.c.score_id == scores.c.score_id)
+        filters = {"agency": agency, "domain": domain, "band": band, "flagged": flagged, "status": status,
+                   "since": since, "until": until}
+        count = _review_filters(sa.select(sa.func.count()).select_from(joined), **filters)
+        cols = [scores.c.score_id, scores.c.created_at, scores.c.domain, scores.c.event_id, scores.c.agency,
+                scores.c.model_name, scores.c.model_version, scores.c.score, scores.c.band, scores.c.flagged,
+                scores.c.threshold, scores.c.explanation_json, outcomes.c.outcome, outcomes.c.decided_by,
+                outcomes.c.decided_at]
+        keys = [scores.c.score.desc(), scores.c.seq.desc()] if order == "risk" else [scores.c.seq.desc()]
+        rows_q = _review_filters(sa.select(*cols).select_from(joined), **filters).order_by(*keys)
+        rows_q = rows_q.limit(max(1, int(limit))).offset(max(0, int(offset)))
+        with self.engine.connect() as conn:
+            total = int(conn.execute(count).scalar_one())
+            rows = [dict(r) for r in conn.execute(rows_q).mappings()]
+        for row in rows:
+            reasons = (row.pop("explanation_json") or {}).get("reasons") or []
+            row["top_reason"] = reasons[0] if reasons else None
+            row["status"] = row["outcome"] or "open"
+        return QueuePage(rows=rows, total=total)
+
+    def get_outcome(self, score_id: str) -> dict | None:
+        """The outcome row of a score (who decided, when, note), if any."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(outcomes).where(outcomes.c.score_id == score_id)).mappings().first()
+        return dict(row) if row else None
+
+    def counterparties(self, account: str, *, agency: str | None = None, limit: int = 10,
+                       scan: int = 2000) -> list[dict]:
+        """Accounts that ``account`` sent money to or received money from in audited transfers, most recent first.
+
+        Looks at the latest ``scan`` scored transfers touching ``account`` (of ``agency`` unless ``None``); one row
+        per counterparty with direction(s), transfer count, amounts per currency, first/last time, highest score.
+        """
+        src, dst = _finance_party("source_account"), _finance_party("target_account")
+        query = (sa.select(scores.c.seq, scores.c.event_id, scores.c.input_json, scores.c.score, scores.c.flagged)
+                 .where(scores.c.domain == "finance", sa.or_(src == account, dst == account))
+                 .order_by(scores.c.seq.desc()).limit(scan))
+        if agency is not None:
+            query = query.where(scores.c.agency == agency)
+        with self.engine.connect() as conn:
+            rows = list(conn.execute(query))
+        seen_events: set[str] = set()
+        parties: dict[str, dict] = {}
+        for row in rows:
+            if row.event_id in seen_events:  # the same transfer scored twice counts once (latest scoring)
+                continue
+            seen_events.add(row.event_id)
+            tx = row.input_json
+            outgoing = tx.get("source_account") == account
+            other = tx.get("target_account") if outgoing else tx.get("source_account")
+            if not other or other == account:
+                continue
+            party = parties.setdefault(other, {
+                "account": other, "directions": set(), "transfers": 0, "amounts": {}, "first_seen": None,
+                "last_seen": None, "max_score": 0.0, "flagged": 0, "country": None})
+            party["directions"].add("sent to" if outgoing else "received from")
+            party["transfers"] += 1
+            currency = str(tx.get("currency") or "")
+            party["amounts"][currency] = party["amounts"].get(currency, 0.0) + float(tx.get("amount") or 0.0)
+            when = str(tx.get("timestamp") or "")
+            party["first_seen"] = min(filter(None, (party["first_seen"], when)), default=None)
+            party["last_seen"] = max(filter(None, (party["last_seen"], when)), default=None)
+            party["max_score"] = max(party["max_score"], float(row.score))
+            party["flagged"] += int(bool(row.flagged))
+            party["country"] = party["country"] or tx.get("target_country" if outgoing else "source_country")
+        out = sorted(parties.values(), key=lambda p: (p["last_seen"] or "", p["transfers"]), reverse=True)[:limit]
+        for party in out:
+            party["directions"] = sorted(party["directions"])
+        return out
+
+    def account_cases(self, accounts: list[str], *, agency: str | None = None) -> dict[str, dict]:
+        """Reviewer outcomes (cases) on transfers touching each account: confirmed/cleared counts and the last one."""
+        accounts = [a for a in dict.fromkeys(accounts) if a]
+        out = {a: {"confirmed": 0, "cleared": 0, "last_outcome": None, "last_decided_at": None} for a in accounts}
+        if not accounts:
+            return out
+        src, dst = _finance_party("source_account"), _finance_party("target_account")
+        query = (sa.select(scores.c.input_json, outcomes.c.outcome, outcomes.c.decided_at)
+                 .join(outcomes, outcomes.c.score_id == scores.c.score_id)
+                 .where(scores.c.domain == "finance", sa.or_(src.in_(accounts), dst.in_(accounts)))
+                 .order_by(outcomes.c.seq))
+        if agency is not None:
+            query = query.where(scores.c.agency == agency)
+        with self.engine.connect() as conn:
+            rows = list(conn.execute(query))
+        for row in rows:
+            for acct in {row.input_json.get("source_account"), row.input_json.get("target_account")}:
+                if acct in out:
+                    stats = out[acct]
+                    stats[row.outcome] += 1
+                    stats["last_outcome"], stats["last_decided_at"] = row.outcome, row.decided_at
+        return out
+
     # -- outcomes --------------------------------------------------------------------------------------
     def record_outcome(self, score_id: str, outcome: str, note: str | None, decided_by: str, agency: str,
                        decided_at: dt.datetime | None = None) -> dict:
@@ -239,6 +345,19 @@ class AuditStore:
                 seen.add(row.event_id)
                 rows.append(row.input_json)
         return events_frame(domain, rows), (result[-1].seq if result else after_seq)
+
+    def recent_features(self, domain: str, limit: int = 5000, model_version: str | None = None,
+                        ) -> tuple[pd.DataFrame, np.ndarray]:
+        """Features (one row per score, oldest first) and scores of the latest ``limit`` scored items of
+        ``domain`` (optionally of one model version): what drift monitoring compares to the training reference."""
+        query = (sa.select(scores.c.features_json, scores.c.score).where(scores.c.domain == domain)
+                 .order_by(scores.c.seq.desc()).limit(max(1, int(limit))))
+        if model_version is not None:
+            query = query.where(scores.c.model_version == str(model_version))
+        with self.engine.connect() as conn:
+            rows = list(conn.execute(query))[::-1]
+        feats = pd.DataFrame.from_records([r.features_json for r in rows]) if rows else pd.DataFrame()
+        return feats, np.asarray([r.score for r in rows], dtype=np.float64)
 
     def replay(self, domain: str, after_score_seq: int = 0, after_outcome_seq: int = 0) -> Replay:
         """Everything of ``domain`` recorded after the two watermarks (labels dated by their decision)."""
@@ -306,3 +425,43 @@ def events_frame(domain: str, rows: list[dict]) -> pd.DataFrame:
 
 def jsonable_row(row: dict) -> dict:
     return {k: (jsonable(v) if k.endswith("_json") else v) for k, v in row.items()}
+
+
+# -- reviewer workspace queries (serving/review) -----------------------------------------------------------
+REVIEW_STATUSES = ("open", "confirmed", "cleared")
+REVIEW_ORDERS = ("newest", "risk")
+
+
+@dataclass
+class QueuePage:
+    """One page of the review queue: rows (newest or riskiest first) and the total matching the filters."""
+
+    rows: list[dict]
+    total: int
+
+
+def _review_filters(query, *, agency: str | None, domain: str | None, band: str | None, flagged: bool | None,
+                    status: str | None, since: dt.datetime | None, until: dt.datetime | None):
+    if agency is not None:
+        query = query.where(scores.c.agency == agency)
+    if domain:
+        query = query.where(scores.c.domain == domain)
+    if band:
+        query = query.where(scores.c.band == band)
+    if flagged is not None:
+        query = query.where(scores.c.flagged == flagged)
+    if status == "open":
+        query = query.where(outcomes.c.score_id.is_(None))
+    elif status in ("confirmed", "cleared"):
+        query = query.where(outcomes.c.outcome == status)
+    elif status:
+        raise ValueError(f"unknown status {status!r}: use one of {', '.join(REVIEW_STATUSES)}")
+    if since is not None:
+        query = query.where(scores.c.created_at >= since)
+    if until is not None:
+        query = query.where(scores.c.created_at < until)
+    return query
+
+
+def _finance_party(side: str):
+    return scores.c.input_json[side].as_string()

@@ -7,6 +7,10 @@ Keys come from, in order: the file at ``$RISKSCORE_KEYS_FILE`` (JSON or TOML), `
 
 A key file holds ``{"keys": [{"id": ..., "sha256": ..., "role": ..., "agency": ...}]}``. Keys are
 compared by hash with :func:`hmac.compare_digest` against every entry; a key is never logged or echoed.
+
+Rate limits: every key has a token bucket (:class:`RateLimiter`): ``$RISKSCORE_RATE_LIMIT`` requests per
+second (default 100; ``0`` = off) with bursts of ``$RISKSCORE_RATE_BURST`` (default 5 x the rate, at least 1).
+A key entry may carry its own ``"rate"`` and ``"burst"``; past the limit a request gets 429 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import secrets
+import threading
+import time
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,14 +42,17 @@ PERMISSIONS: dict[str, frozenset[str]] = {
 }
 KEY_PREFIX = "rsk_"
 DEMO_AGENCY = "demo"
+DEFAULT_RATE = 100.0  # requests per second per key
+DEFAULT_BURST_FACTOR = 5.0
 
 
 class AuthError(Exception):
-    """401 (no or unknown key) or 403 (key lacks the permission)."""
+    """401 (no or unknown key), 403 (key lacks the permission) or 429 (rate limit; ``retry_after`` seconds)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after: int | None = None):
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,8 @@ class KeyEntry:
     role: str
     agency: str
     id: str = ""
+    rate: float | None = None  # requests per second; None = $RISKSCORE_RATE_LIMIT, 0 = unlimited
+    burst: float | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -63,6 +75,11 @@ class KeyEntry:
             raise ValueError("a key entry needs an agency")
         if not self.id:
             object.__setattr__(self, "id", self.sha256[:12])
+        for name in ("rate", "burst"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not math.isfinite(value) or value < 0):
+                raise ValueError(f"a key entry's {name} must be a number >= 0")
 
 
 @dataclass(frozen=True)
@@ -72,9 +89,60 @@ class Caller:
     key_id: str
     role: str
     agency: str
+    rate: float | None = None
+    burst: float | None = None
 
     def can(self, permission: str) -> bool:
         return self.role in PERMISSIONS[permission]
+
+
+def default_rate() -> tuple[float, float | None]:
+    """``($RISKSCORE_RATE_LIMIT, $RISKSCORE_RATE_BURST)``: per-key requests per second (0 = off) and burst."""
+    try:
+        rate = float(os.environ.get("RISKSCORE_RATE_LIMIT", DEFAULT_RATE))
+        burst = os.environ.get("RISKSCORE_RATE_BURST")
+        burst_value = float(burst) if burst else None
+    except ValueError as err:
+        raise ValueError(f"RISKSCORE_RATE_LIMIT / RISKSCORE_RATE_BURST must be numbers: {err}") from None
+    if not math.isfinite(rate) or rate < 0 or (burst_value is not None and not burst_value >= 0):
+        raise ValueError("RISKSCORE_RATE_LIMIT / RISKSCORE_RATE_BURST must be finite numbers >= 0")
+    return rate, burst_value
+
+
+class RateLimiter:
+    """Token buckets per key id (thread-safe, in process memory; one bucket per key per service worker)."""
+
+    def __init__(self, rate: float | None = None, burst: float | None = None, clock=time.monotonic):
+        env_rate, env_burst = default_rate()
+        self.rate = env_rate if rate is None else rate
+        self.burst = env_burst if burst is None else burst
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, time)
+        self._lock = threading.Lock()
+
+    def limits(self, caller: Caller) -> tuple[float, float]:
+        rate = self.rate if caller.rate is None else caller.rate
+        burst = caller.burst if caller.burst is not None else self.burst
+        if burst is None:
+            burst = rate * DEFAULT_BURST_FACTOR
+        return rate, max(burst, 1.0)
+
+    def take(self, caller: Caller) -> None:
+        """Spend one token of the caller's bucket; :class:`AuthError` 429 with ``Retry-After`` when empty."""
+        rate, burst = self.limits(caller)
+        if rate <= 0:
+            return
+        with self._lock:
+            now = self.clock()
+            tokens, last = self._buckets.get(caller.key_id, (burst, now))
+            tokens = min(burst, tokens + (now - last) * rate)
+            if tokens >= 1.0:
+                self._buckets[caller.key_id] = (tokens - 1.0, now)
+                return
+            self._buckets[caller.key_id] = (tokens, now)
+        wait = max(1, math.ceil((1.0 - tokens) / rate))
+        raise AuthError(429, f"rate limit of {rate:g} requests/s for this key exceeded; retry in {wait}s",
+                        retry_after=wait)
 
 
 def hash_key(key: str) -> str:
@@ -105,7 +173,7 @@ class KeyStore:
                 found = entry
         if found is None:
             raise AuthError(401, "invalid API key")
-        return Caller(key_id=found.id, role=found.role, agency=found.agency)
+        return Caller(key_id=found.id, role=found.role, agency=found.agency, rate=found.rate, burst=found.burst)
 
     def authorize(self, presented: str | None, permission: str) -> Caller:
         """Authenticate, then 403 unless the caller's role grants ``permission``."""
@@ -132,7 +200,8 @@ def _entries(doc: dict | list) -> list[KeyEntry]:
         if not isinstance(row, dict):
             raise ValueError("each key entry must be an object with sha256, role and agency")
         out.append(KeyEntry(sha256=str(row.get("sha256", "")).lower(), role=str(row.get("role", "")),
-                            agency=str(row.get("agency", "")), id=str(row.get("id", ""))))
+                            agency=str(row.get("agency", "")), id=str(row.get("id", "")),
+                            rate=row.get("rate"), burst=row.get("burst")))
     return out
 
 
@@ -206,16 +275,23 @@ def load_keys() -> KeyStore:
     return KeyStore(demo_keys(), str(demo_key_file()))
 
 
-def add_key(role: str, agency: str, path: str | Path | None = None) -> tuple[str, KeyEntry, Path]:
-    """Create a key for ``role``/``agency``, append its hash to the key file; return the plaintext key once."""
+def entry_doc(entry: KeyEntry) -> dict:
+    """A key entry as stored in a key file (no null rate/burst)."""
+    return {k: v for k, v in asdict(entry).items() if v is not None}
+
+
+def add_key(role: str, agency: str, path: str | Path | None = None, rate: float | None = None,
+            burst: float | None = None) -> tuple[str, KeyEntry, Path]:
+    """Create a key for ``role``/``agency`` (optional own rate limit), append its hash to the key file; return
+    the plaintext key once."""
     path = Path(path) if path else default_key_file()
     if path.suffix == ".toml":
         raise ValueError("keys are added to JSON key files; convert the TOML file or pass --file keys.json")
     entries = read_key_file(path) if path.exists() else []
     key = new_key()
-    entry = KeyEntry(sha256=hash_key(key), role=role, agency=agency)
+    entry = KeyEntry(sha256=hash_key(key), role=role, agency=agency, rate=rate, burst=burst)
     entries.append(entry)
-    _write_private(path, {"keys": [asdict(e) for e in entries]})
+    _write_private(path, {"keys": [entry_doc(e) for e in entries]})
     return key, entry, path
 
 
@@ -226,5 +302,5 @@ def revoke_key(key_id: str, path: str | Path | None = None) -> int:
     path = Path(path) if path else default_key_file()
     entries = read_key_file(path)
     keep = [e for e in entries if not e.id.startswith(key_id)]
-    _write_private(path, {"keys": [asdict(e) for e in keep]})
+    _write_private(path, {"keys": [entry_doc(e) for e in keep]})
     return len(entries) - len(keep)

@@ -68,6 +68,19 @@ def _matches(pattern: str, message: str):
     return AfterValidator(check)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_IN_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # tab and newlines allowed
+
+
+def _no_control(pattern: re.Pattern) -> AfterValidator:
+    def check(value: str) -> str:
+        if pattern.search(value):
+            raise ValueError("must not contain control characters")
+        return value
+
+    return AfterValidator(check)
+
+
 def _text_only(value: Any) -> Any:
     if not isinstance(value, str):
         raise ValueError("must be a string")
@@ -87,7 +100,8 @@ def _utc_naive(value: dt.datetime) -> dt.datetime:
     return value
 
 
-Code = Annotated[str, Strict(), StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+Code = Annotated[str, Strict(), StringConstraints(strip_whitespace=True, min_length=1, max_length=64),
+                 _no_control(_CONTROL)]
 Country = Annotated[Code, _matches(COUNTRY_PATTERN, "must be a 2-letter upper-case ISO country code, e.g. 'CN'")]
 HS6 = Annotated[Code, _matches(HS6_PATTERN, "must be a 6-digit HS code, e.g. '392690'")]
 Currency = Annotated[Code, _matches(r"^[A-Z]{3}$", "must be a 3-letter upper-case ISO currency code, e.g. 'EUR'")]
@@ -159,9 +173,10 @@ class OutcomeIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    score_id: Annotated[str, Strict(), StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+    score_id: Annotated[str, Strict(), StringConstraints(strip_whitespace=True, min_length=1, max_length=64),
+                        _no_control(_CONTROL)]
     outcome: Literal["confirmed", "cleared"]
-    note: Annotated[str, Strict(), StringConstraints(max_length=2000)] | None = None
+    note: Annotated[str, Strict(), StringConstraints(max_length=2000), _no_control(_CONTROL_IN_TEXT)] | None = None
 
 
 class ReasonOut(BaseModel):
@@ -220,13 +235,15 @@ def _reject_constant(name: str) -> float:
 
 
 def parse_json(body: bytes) -> Any:
-    """Decode a JSON body; malformed JSON (or NaN/Infinity literals) -> 400."""
+    """Decode a JSON body; malformed JSON (or NaN/Infinity literals, or absurd nesting) -> 400."""
     if not body.strip():
         raise RequestError(400, "request body is empty; send a JSON object")
     try:
         return json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as err:
         raise RequestError(400, f"malformed JSON: {err}") from None
+    except RecursionError:  # e.g. 100k nested '[': the C decoder stops at the interpreter's recursion limit
+        raise RequestError(400, "malformed JSON: nested too deeply") from None
 
 
 def parse_model(model: type[BaseModel], payload: Any) -> BaseModel:

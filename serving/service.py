@@ -13,6 +13,13 @@ middleware with the loaded models. Scoring is CPU work and runs in a worker thre
 | ``POST /outcomes`` | reviewer (own agency) | ``{"score_id", "outcome": confirmed/cleared, "note"}`` -> 201 |
 | ``POST /admin/reload`` | admin | ``{"domains"?: [...], "force"?: bool}`` -> versions before/after |
 | ``GET /readyz`` | anyone | ``{"status": "ready", "domains": {d: {"model": {...}}}}`` |
+
+Every authenticated call spends a token of its key's rate limit (:class:`serving.auth.RateLimiter`; 429 with
+``Retry-After``). A failed champion reload keeps the previous champion serving, logs the reason and shows it
+in ``/readyz`` (``"status": "degraded"``, ``domains.<d>.reload_error``) until a reload of that domain succeeds.
+Drift gauges (``riskscore_feature_psi``, ``riskscore_score_psi``, ``riskscore_drift_retrain_due``) compare the
+latest ``$RISKSCORE_DRIFT_WINDOW`` audited items of each champion to its training reference; they are refreshed
+when ``/metrics`` is scraped, at most every ``$RISKSCORE_DRIFT_INTERVAL_S`` seconds.
 """
 
 from __future__ import annotations
@@ -37,7 +44,9 @@ from serving import auth
 from serving.audit import AuditStore, OutcomeExists, jsonable
 from serving.domains import DOMAINS, domain_info
 from serving.models import OutcomeIn, RequestError, max_body_bytes, parse_batch, parse_json, parse_model
+from serving.review import app as review_app
 from serving.scorer import RequestMeta, ScorerRegistry, ServingConfigError, served_domains
+from training.drift import drift_report, drift_summary
 
 log = logging.getLogger("riskscore.serving")
 access_log = logging.getLogger("riskscore.serving.access")
@@ -46,6 +55,7 @@ IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
 DRAIN_CAP = 32 * 1024 * 1024  # read (and discard) at most this much of an oversized body before answering 413
 
 app = FastAPI(title="riskscore", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+app.mount("/review", review_app)  # reviewer workspace (HTML pages), see serving/review
 
 
 class JsonFormatter(logging.Formatter):
@@ -89,6 +99,15 @@ def metrics() -> dict[str, Any]:
         "batch": prom.Histogram("riskscore_batch_items", "Items per scoring request", ["domain"],
                                 buckets=(1, 2, 5, 10, 50, 100, 500, 1000)),
         "reloads": prom.Counter("riskscore_reloads_total", "Champion swaps", ["domain"]),
+        "reload_failures": prom.Counter("riskscore_reload_failures_total", "Failed champion reloads", ["domain"]),
+        "feature_psi": prom.Gauge("riskscore_feature_psi", "PSI of a feature: recent scored items vs training",
+                                  ["domain", "feature"], multiprocess_mode="mostrecent"),
+        "score_psi": prom.Gauge("riskscore_score_psi", "PSI of the score: recent scored items vs training",
+                                ["domain"], multiprocess_mode="mostrecent"),
+        "drift_items": prom.Gauge("riskscore_drift_window_items", "Recent scored items the drift gauges use",
+                                  ["domain"], multiprocess_mode="mostrecent"),
+        "drift_retrain": prom.Gauge("riskscore_drift_retrain_due", "1 when drift says retraining is due",
+                                    ["domain"], multiprocess_mode="mostrecent"),
     }
 
 
@@ -129,7 +148,10 @@ async def _request_error(request: Request, err: RequestError) -> JSONResponse:
 
 @app.exception_handler(auth.AuthError)
 async def _auth_error(request: Request, err: auth.AuthError) -> JSONResponse:
-    return _error(err.status, {"error": str(err)}, _state(request).get("request_id"))
+    response = _error(err.status, {"error": str(err)}, _state(request).get("request_id"))
+    if err.retry_after is not None:
+        response.headers["Retry-After"] = str(err.retry_after)
+    return response
 
 
 @app.exception_handler(ServingConfigError)
@@ -200,8 +222,30 @@ class ReadyzMiddleware:
         if registry is None:
             response = JSONResponse({"status": "starting"}, status_code=503)
         else:
-            response = JSONResponse({"status": "ready", "domains": registry.status()})
+            domains = registry.status()
+            errors = dict(getattr(service, "reload_errors", {}))
+            for domain, error in errors.items():
+                if domain in domains:
+                    domains[domain] = {**domains[domain], "reload_error": error}
+            response = JSONResponse({"status": "degraded" if errors else "ready", "domains": domains})
         await response(scope, receive, send)
+
+
+class DriftMiddleware:
+    """Refreshes the drift gauges (at most every ``$RISKSCORE_DRIFT_INTERVAL_S``) before ``/metrics`` answers."""
+
+    def __init__(self, inner, **_options):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path") == "/metrics":
+            service = _current()
+            if getattr(service, "registry", None) is not None:
+                try:
+                    await run_in_threadpool(service.refresh_drift)
+                except Exception:  # drift must never break the metrics endpoint
+                    log.warning("drift refresh failed", exc_info=True)
+        return await self.inner(scope, receive, send)
 
 
 def stop_server() -> None:
@@ -245,6 +289,9 @@ class RiskScore:
         setup_logging()
         self.domains = served_domains()
         self.keys = auth.load_keys()
+        self.limiter = auth.RateLimiter()
+        self.reload_errors: dict[str, dict[str, str]] = {}
+        self._drift_at = 0.0
         self.audit = AuditStore()
         registry = ScorerRegistry(self.domains, self.audit)
         try:
@@ -272,7 +319,35 @@ class RiskScore:
         caller = self.keys.authorize(auth.presented_key(request.headers), permission)
         state = _state(request)
         state["key_id"], state["agency"] = caller.key_id, caller.agency
+        self.limiter.take(caller)
         return caller
+
+    def refresh_drift(self, force: bool = False) -> dict[str, Any]:
+        """Recompute the drift gauges of every domain from its latest audited items (throttled unless ``force``)."""
+        now = time.monotonic()
+        if not force and now - self._drift_at < drift_interval():
+            return {}
+        self._drift_at = now
+        m, out = metrics(), {}
+        for domain in self.registry.domains:
+            scorer = self.registry.get(domain)
+            reference = getattr(scorer.bundle, "reference", None) or {}
+            if not reference.get("features"):
+                continue
+            feats, scores = self.audit.recent_features(domain, drift_window(), model_version=scorer.model_version)
+            m["drift_items"].labels(domain).set(len(scores))
+            if len(scores) < drift_min_items():
+                continue
+            report = drift_report(reference, feats, scores)
+            for name, value in zip(report["name"], report["psi"], strict=True):
+                if name == "score":
+                    m["score_psi"].labels(domain).set(value)
+                else:
+                    m["feature_psi"].labels(domain, name).set(value)
+            summary = drift_summary(report)
+            m["drift_retrain"].labels(domain).set(float(summary["retrain_due"]))
+            out[domain] = summary
+        return out
 
     async def _json(self, request: Request) -> Any:
         self._check_content_type(request)
@@ -382,11 +457,29 @@ class RiskScore:
         if domains is not None and (not isinstance(domains, list) or any(d not in DOMAINS for d in domains)):
             raise RequestError(422, "request failed validation", [
                 {"loc": "domains", "msg": f"a list of {', '.join(DOMAINS)}", "type": "value_error"}])
+        if not isinstance(payload.get("force", False), bool):
+            raise RequestError(422, "request failed validation", [
+                {"loc": "force", "msg": "must be true or false", "type": "bool_type"}])
         try:
             keys = await run_in_threadpool(auth.load_keys)
-            result = await run_in_threadpool(self.registry.reload, domains, bool(payload.get("force", False)))
-        except (ServingConfigError, ValueError) as err:
-            raise RequestError(409, f"reload failed; the current models keep serving: {err}") from None
+        except ValueError as err:
+            raise RequestError(409, f"reload failed; the current keys and models keep serving: {err}") from None
+        result, failed = {}, {}
+        for domain in domains or self.registry.domains:  # one domain at a time: a broken one does not block others
+            try:
+                result.update(await run_in_threadpool(self.registry.reload, [domain], bool(payload.get("force"))))
+                self.reload_errors.pop(domain, None)
+            except Exception as err:  # whatever broke (registry, artifact, schema): keep the old one
+                failed[domain] = str(getattr(err, "error", err))
+                self.reload_errors[domain] = {"error": failed[domain], "at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                          time.gmtime())}
+                metrics()["reload_failures"].labels(domain).inc()
+                log.error("domain %s: reload failed; the previous champion keeps serving: %s", domain,
+                          failed[domain], extra={"fields": {"domain": domain}})
+        if failed:
+            raise RequestError(409, "reload failed; the current models keep serving: " + "; ".join(
+                f"{d}: {e}" for d, e in failed.items()), [
+                {"loc": f"domains.{d}", "msg": e, "type": "reload_failed"} for d, e in failed.items()])
         self.keys = keys
         for domain, change in result.items():
             if change.get("changed"):
@@ -395,6 +488,22 @@ class RiskScore:
 
 
 RiskScore.add_asgi_middleware(ReadyzMiddleware)
+RiskScore.add_asgi_middleware(DriftMiddleware)
+
+
+def drift_interval() -> float:
+    """Seconds between drift-gauge refreshes: $RISKSCORE_DRIFT_INTERVAL_S (default 30)."""
+    return float(os.environ.get("RISKSCORE_DRIFT_INTERVAL_S", "30"))
+
+
+def drift_window() -> int:
+    """Latest audited items per domain the drift gauges use: $RISKSCORE_DRIFT_WINDOW (default 5000)."""
+    return int(os.environ.get("RISKSCORE_DRIFT_WINDOW", "5000"))
+
+
+def drift_min_items() -> int:
+    """Fewer recent items than this ($RISKSCORE_DRIFT_MIN_ITEMS, default 20) leave the PSI gauges unset."""
+    return int(os.environ.get("RISKSCORE_DRIFT_MIN_ITEMS", "20"))
 
 
 def _safe_url(url: str) -> str:

@@ -110,24 +110,10 @@ def server(tmp_path_factory) -> Server:
 
     port = _free_port()
     log = root / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "serving.service:RiskScore", "--host", "127.0.0.1",
-             "--port", str(port)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = launch(env, log, port)
     srv = Server(f"http://127.0.0.1:{port}", keys, env, home, log, data, proc)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{srv.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after {READY_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_ready(srv.url, proc, log)
         yield srv
     finally:
         proc.terminate()
@@ -136,6 +122,30 @@ def server(tmp_path_factory) -> Server:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def launch(env: dict[str, str], log: Path, port: int) -> subprocess.Popen:
+    """Start ``bentoml serve serving.service:RiskScore`` on 127.0.0.1:``port``, output appended to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "serving.service:RiskScore", "--host", "127.0.0.1",
+             "--port", str(port)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = READY_TIMEOUT_S) -> None:
+    """Poll ``/readyz`` until 200; fail the test if the server exits or is not ready in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"server not ready after {timeout}s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.5)
 
 
 @functools.cache

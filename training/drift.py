@@ -75,3 +75,17 @@ def drift_report(profile: dict, features: pd.DataFrame, scores: np.ndarray) -> p
         [report["psi"] >= PSI_RETRAIN, report["psi"] >= PSI_WATCH], ["retrain", "watch"], "ok"
     )
     return report.sort_values("psi", ascending=False, ignore_index=True)
+
+
+def drift_summary(report: pd.DataFrame, top: int = 5) -> dict:
+    """Worst status, whether retraining is due (the score or any feature at ``retrain``) and the worst names."""
+    status = report["status"].tolist()
+    worst = "retrain" if "retrain" in status else "watch" if "watch" in status else "ok"
+    score = report.loc[report["name"] == "score", "psi"]
+    return {
+        "status": worst,
+        "retrain_due": worst == "retrain",
+        "score_psi": float(score.iloc[0]) if len(score) else None,
+        "worst": [{"name": n, "psi": round(float(v), 4)} for n, v in zip(report["name"][:top], report["psi"][:top],
+                                                                       strict=True)],
+    }

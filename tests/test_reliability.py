@@ -1,0 +1,673 @@
+"""Reliability and security of the scoring service: drift gauges, no lost scores under load and SIGKILL,
+idempotent retries, hostile input over HTTP (hypothesis + schemathesis), model faults, rate limits and the
+role x agency matrix.
+
+Server tests reuse the module-scoped ``server`` fixture of ``tests/test_service.py`` (one real BentoML server
+on 127.0.0.1 for this module); the SIGKILL test runs last because it kills and restarts that server. The
+load helpers here are also what ``bench/reliability.py`` runs for longer (20 clients x 30 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import signal
+import sqlite3
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from serving import auth
+from tests import test_service
+from tests.test_properties import json_values
+from tests.test_service import Server, _events, _free_port, launch, server_test, wait_ready
+
+server = test_service.server  # the module-scoped fixture: one server for this module
+
+ROUTES = {"customs": "/score_shipments", "finance": "/score_transactions"}
+SCORER_ROLE = {"customs": "customs", "finance": "financial"}
+
+
+def _env(server: Server, mp: pytest.MonkeyPatch) -> None:
+    for key in ("RISKSCORE_HOME", "MLFLOW_TRACKING_URI", "RISKSCORE_ARTIFACT_ROOT", "RISKSCORE_KEYS_FILE"):
+        mp.setenv(key, server.env[key])
+
+
+def _add_keys(server: Server, specs: list[tuple[str, str]], rate: float | None = None,
+              burst: float | None = None) -> list[str]:
+    """New keys ``(role, agency)`` in the server's key file, picked up by a (cheap, non-forced) reload."""
+    path = Path(server.env["RISKSCORE_KEYS_FILE"])
+    keys = [auth.add_key(role, agency, path, rate=rate, burst=burst)[0] for role, agency in specs]
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        r = c.post("/admin/reload", json={"domains": ["finance"]}, headers=server.headers("admin"))
+    assert r.status_code == 200, r.text
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------- load helpers
+
+
+@dataclass
+class Sent:
+    """One request a load client sent: what, and what came back (a status or a transport error)."""
+
+    domain: str
+    key: str
+    idempotency_key: str
+    body: dict
+    valid: bool
+    status: int | None = None
+    error: str | None = None
+    response: dict | None = None
+    retried: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class LoadResult:
+    sent: list[Sent] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def statuses(self) -> Counter:
+        return Counter(("error" if s.status is None else f"{s.status // 100}xx") for s in self.sent)
+
+    def score_ids(self) -> list[str]:
+        return [i["score_id"] for s in self.sent if s.response and s.status == 200 for i in s.response["items"]]
+
+
+def run_load(url: str, clients: list[tuple[str, str]], pools: dict[str, list[dict]], seconds: float, tag: str,
+             stop: threading.Event | None = None, invalid_every: int = 10, max_requests: int = 100_000) -> LoadResult:
+    """``clients`` (domain, key) threads posting 1-3 items (fresh ids starting with ``tag``) for ``seconds``.
+
+    Every request carries a unique Idempotency-Key; every ``invalid_every``-th one is invalid (expects 422).
+    Transport errors (server gone) are recorded, not raised; the loop is bounded by time and ``max_requests``.
+    """
+    stop = stop or threading.Event()
+    result = LoadResult()
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+    id_col = {"customs": "declaration_id", "finance": "transaction_id"}
+
+    def client(n: int, domain: str, key: str) -> None:
+        pool = pools[domain]
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for i in range(max_requests):
+                if stop.is_set() or time.monotonic() > deadline:
+                    return
+                items = [dict(pool[(n * 7 + i * 3 + j) % len(pool)], **{id_col[domain]: f"{tag}-{n}-{i}-{j}"})
+                         for j in range(1 + (n + i) % 3)]
+                valid = invalid_every <= 0 or i % invalid_every != invalid_every - 1
+                if not valid:
+                    items[0] = dict(items[0], **({"net_mass": -1.0} if domain == "customs" else {"amount": -1.0}))
+                sent = Sent(domain, key, f"{tag}-{n}-{i}", {"items": items}, valid)
+                began = time.perf_counter()
+                try:
+                    r = c.post(ROUTES[domain], json=sent.body, headers={
+                        "Authorization": f"Bearer {key}", "Idempotency-Key": sent.idempotency_key})
+                    sent.status = r.status_code
+                    sent.response = r.json() if r.headers.get("content-type", "").startswith("application/json") \
+                        else {"text": r.text[:200]}
+                except httpx.HTTPError as err:
+                    sent.error = type(err).__name__
+                sent.seconds = time.perf_counter() - began
+                with lock:
+                    result.sent.append(sent)
+                if sent.error:
+                    return  # server gone: this client stops (its request is retried after the restart)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(n, d, k), daemon=True) for n, (d, k) in enumerate(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=seconds + 120)
+    assert not any(t.is_alive() for t in threads), "a load client hung"
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def retry_failed(url: str, result: LoadResult) -> int:
+    """Resend every request that got a transport error, with the same Idempotency-Key and body; returns how many
+    of them had been committed before the failure (the server replays the stored reply)."""
+    replayed = 0
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for sent in result.sent:
+            if sent.status is not None:
+                continue
+            r = c.post(ROUTES[sent.domain], json=sent.body, headers={
+                "Authorization": f"Bearer {sent.key}", "Idempotency-Key": sent.idempotency_key})
+            sent.status, sent.response, sent.retried = r.status_code, r.json(), True
+            replayed += r.headers.get("idempotent-replayed") == "true"
+    return replayed
+
+
+def audit_check(db_path: Path, tag: str) -> dict:
+    """Consistency of the audit rows of events tagged ``tag``: integrity, torn requests, duplicate ids."""
+    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
+        integrity = db.execute("pragma integrity_check").fetchone()[0]
+        rows = db.execute("select score_id, request_id from scores where event_id like ?", (f"{tag}-%",)).fetchall()
+        dupes = db.execute("select count(*) from (select score_id from scores group by score_id having count(*) > 1)"
+                           ).fetchone()[0]
+        torn = db.execute(
+            "select count(*) from requests r where r.items != (select count(*) from scores s "
+            "where s.request_id = r.request_id)").fetchone()[0]
+        orphans = db.execute("select count(*) from scores s where not exists (select 1 from requests r "
+                             "where r.request_id = s.request_id)").fetchone()[0]
+    return {"integrity": integrity, "score_ids": [r[0] for r in rows], "requests": {r[1] for r in rows},
+            "duplicate_score_ids": dupes, "torn_requests": torn, "orphan_scores": orphans}
+
+
+def kill_tree(proc) -> list[int]:
+    """SIGKILL the server and its worker processes (by pid; workers first)."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    pids = [c.pid for c in children] + [proc.pid]
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    psutil.wait_procs([c for c in children if c.is_running()], timeout=30)
+    return pids
+
+
+def _pools(server: Server, n: int = 40) -> dict[str, list[dict]]:
+    return {d: _events(server, d, n, start=100) for d in ("customs", "finance")}
+
+
+def _metric(text: str, name: str, **labels: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- drift
+
+
+def test_drift_report_flags_shift_and_not_noise():
+    from training.drift import drift_report, drift_summary, reference_profile
+
+    rng = np.random.default_rng(0)
+    train = pd.DataFrame({"amount": rng.lognormal(5, 1, 5000), "channel": rng.choice(["a", "b", "c"], 5000)})
+    ref = reference_profile(train, rng.beta(1, 20, 5000), ["channel"])
+    same = pd.DataFrame({"amount": rng.lognormal(5, 1, 2000), "channel": rng.choice(["a", "b", "c"], 2000)})
+    ok = drift_summary(drift_report(ref, same, rng.beta(1, 20, 2000)))
+    assert ok["status"] == "ok" and not ok["retrain_due"]
+    shifted = pd.DataFrame({"amount": rng.lognormal(7, 1, 2000), "channel": rng.choice(["c", "d"], 2000)})
+    bad = drift_summary(drift_report(ref, shifted, rng.beta(5, 5, 2000)))
+    assert bad["retrain_due"] and {w["name"] for w in bad["worst"][:3]} == {"amount", "channel", "score"}
+
+
+@server_test
+def test_drift_reference_gauges_and_cli(server: Server):
+    """The champion carries its training reference; /metrics shows PSI gauges from the audited scores; the CLI
+    reads the same audit rows and says whether retraining is due."""
+    from click.testing import CliRunner
+
+    from riskscore.commands import drift_cmd
+    from serving.audit import AuditStore
+    from training.drift import drift_report
+    from training.registry import load_champion
+
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.post("/score_shipments", json={"items": _events(server, "customs", 40, start=200)},
+                   headers=server.headers("customs"))
+        assert r.status_code == 200, r.text
+        text = c.get("/metrics").text
+    with pytest.MonkeyPatch.context() as mp:
+        _env(server, mp)
+        bundle, info = load_champion("customs")
+        assert set(bundle.reference["features"]) == set(bundle.feature_names) and bundle.reference["rows"] > 0
+        store = AuditStore(f"sqlite:///{server.home / 'audit.db'}")
+        feats, scores = store.recent_features("customs", 5000, model_version=str(info.version))
+        store.close()
+        report = drift_report(bundle.reference, feats, scores)
+        cli = CliRunner().invoke(drift_cmd, ["--domain", "customs", "--json"])
+        exit_on_retrain = CliRunner().invoke(drift_cmd, ["--domain", "customs", "--fail-on-retrain"])
+    assert _metric(text, "riskscore_drift_window_items", domain="customs") == len(scores) >= 40
+    gauge = _metric(text, "riskscore_score_psi", domain="customs")
+    assert gauge == pytest.approx(float(report.loc[report["name"] == "score", "psi"].iloc[0]), abs=1e-9)
+    feature = report["name"][report["name"] != "score"].iloc[0]
+    assert _metric(text, "riskscore_feature_psi", domain="customs", feature=feature) == pytest.approx(
+        float(report.loc[report["name"] == feature, "psi"].iloc[0]), abs=1e-9)
+    assert _metric(text, "riskscore_drift_retrain_due", domain="customs") in (0.0, 1.0)
+    assert cli.exit_code == 0, cli.output
+    out = json.loads(cli.output)
+    assert out["items"] == len(scores) and out["status"] in ("ok", "watch", "retrain")
+    assert out["retrain_due"] == (_metric(text, "riskscore_drift_retrain_due", domain="customs") == 1.0)
+    assert exit_on_retrain.exit_code == (3 if out["retrain_due"] else 0)
+    assert ("retraining is due" in exit_on_retrain.output) == out["retrain_due"]
+
+
+# ---------------------------------------------------------------------------------------------- no lost scores
+
+
+@server_test
+def test_concurrent_load_loses_no_score(server: Server):
+    """8 clients x 5 s: every 2xx item has exactly one audit row and every audit row was returned to a client."""
+    keys = _add_keys(server, [("customs", "L"), ("financial", "L")] * 4, rate=0)
+    clients = [("customs" if i % 2 == 0 else "finance", k) for i, k in enumerate(keys)]
+    tag = f"load{time.time_ns()}"
+    result = run_load(server.url, clients, _pools(server), seconds=5, tag=tag)
+    counts = result.statuses()
+    assert counts["5xx"] == 0 and counts["error"] == 0, counts
+    assert all(s.status == (200 if s.valid else 422) for s in result.sent)
+    returned = result.score_ids()
+    audit = audit_check(server.home / "audit.db", tag)
+    assert audit["integrity"] == "ok" and audit["torn_requests"] == 0 and audit["duplicate_score_ids"] == 0
+    assert len(returned) == len(set(returned)) == len(audit["score_ids"]) and set(returned) == set(audit["score_ids"])
+    assert len(result.sent) >= 8
+
+
+@server_test
+def test_idempotent_retries_race_to_one_audit_row(server: Server):
+    """The same Idempotency-Key sent by 6 threads at once: one scoring, six identical replies."""
+    items = _events(server, "finance", 2, start=300)
+    headers = {**server.headers("financial"), "Idempotency-Key": f"race-{time.time_ns()}"}
+    replies: list[httpx.Response] = []
+    barrier = threading.Barrier(6)
+
+    def send() -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            barrier.wait(timeout=30)
+            replies.append(c.post("/score_transactions", json={"items": items}, headers=headers))
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [r.status_code for r in replies] == [200] * 6
+    assert len({json.dumps(r.json(), sort_keys=True) for r in replies}) == 1
+    assert sum(r.headers.get("idempotent-replayed") == "true" for r in replies) == 5
+    with sqlite3.connect(f"file:{server.home / 'audit.db'}?mode=ro", uri=True) as db:
+        ids = [i["transaction_id"] for i in items]
+        assert db.execute(f"select count(*) from scores where event_id in ({','.join('?' * len(ids))})",
+                          ids).fetchone()[0] == 2
+
+
+# ---------------------------------------------------------------------------------------------- security
+
+
+@server_test
+def test_role_agency_matrix(server: Server):
+    """Every (role, agency) key against every endpoint, on a score of agency A: exact expected statuses."""
+    a_score = _events(server, "customs", 1, start=400)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        score_a = c.post("/score_shipments", json={"items": a_score}, headers=server.headers("customs", "A"))
+        score_id = score_a.json()["items"][0]["score_id"]
+        fresh = itertools.count()
+
+        def call(name: str, headers: dict) -> int:
+            if name == "score_shipments":
+                items = [dict(a_score[0], declaration_id=f"M{time.time_ns()}-{next(fresh)}")]
+                return c.post("/score_shipments", json={"items": items}, headers=headers).status_code
+            if name == "score_transactions":
+                items = [dict(_events(server, "finance", 1, start=400)[0], transaction_id=f"M{time.time_ns()}")]
+                return c.post("/score_transactions", json={"items": items}, headers=headers).status_code
+            if name == "get_score":
+                return c.get(f"/scores/{score_id}", headers=headers).status_code
+            if name == "outcomes":
+                return c.post("/outcomes", json={"score_id": score_id, "outcome": "cleared"},
+                              headers=headers).status_code
+            return c.post("/admin/reload", json={"domains": ["finance"]}, headers=headers).status_code
+
+        callers = [(r, "A") for r in ("customs", "financial", "reviewer", "admin")] + [("customs", "B"),
+                                                                                      ("reviewer", "B")]
+        names = ("score_shipments", "score_transactions", "get_score", "outcomes", "reload")
+        seen = {}
+        for name in names:  # reviewer B before reviewer A on outcomes: A's decision is final (201 once)
+            for role, agency in sorted(callers, key=lambda x: x[1] != "B"):
+                seen[(name, role, agency)] = call(name, server.headers(role, agency))
+            seen[(name, "none", "-")] = call(name, {})
+    expected = {
+        "score_shipments": {("customs", "A"): 200, ("customs", "B"): 200},
+        "score_transactions": {("financial", "A"): 200},
+        "get_score": {("reviewer", "A"): 200, ("admin", "A"): 200, ("reviewer", "B"): 404},
+        "outcomes": {("reviewer", "A"): 201, ("reviewer", "B"): 404},
+        "reload": {("admin", "A"): 200},
+    }
+    want = {(n, r, a): expected[n].get((r, a), 403) for n in names for r, a in callers}
+    want.update({(n, "none", "-"): 401 for n in names})
+    assert seen == want
+
+
+@server_test
+def test_rate_limit_answers_429_with_retry_after(server: Server):
+    slow, other = _add_keys(server, [("reviewer", "A"), ("reviewer", "A")], rate=0.5, burst=2)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        path = "/scores/00000000-0000-0000-0000-000000000000"
+        got = [c.get(path, headers={"Authorization": f"Bearer {slow}"}) for _ in range(3)]
+        assert [r.status_code for r in got] == [404, 404, 429]
+        assert got[2].headers["retry-after"] == "2" and "rate limit" in got[2].json()["error"]
+        assert c.get(path, headers={"Authorization": f"Bearer {other}"}).status_code == 404  # per key
+        assert c.get(path, headers={"Authorization": "Bearer rsk_unknown"}).status_code == 401
+
+
+PATTERNS = {"hs6": r"^[0-9]{6}$", "country_departure": r"^[A-Z]{2}$", "country_origin": r"^[A-Z]{2}$",
+            "source_country": r"^[A-Z]{2}$", "target_country": r"^[A-Z]{2}$", "currency": r"^[A-Z]{3}$",
+            "date": r"^20[0-9]{2}-0[1-9]-[0-2][1-9]$", "timestamp": r"^20[0-9]{2}-0[1-9]-[0-2][1-9]T[01][0-9]:00:00Z$"}
+
+
+def _openapi(server: Server) -> dict:
+    """OpenAPI 3 document of the custom routes (the FastAPI app declares raw ``Request`` bodies, so the
+    request bodies come from the pydantic models)."""
+    from serving.models import OutcomeIn, ShipmentBatch, TransferBatch
+
+    components: dict = {}
+
+    def body(model) -> dict:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+        return {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+
+    answers = {str(s): {"description": "reply"} for s in (200, 201, 400, 401, 403, 404, 409, 413, 415, 422, 429)}
+    paths = {
+        "/score_shipments": {"post": {"operationId": "score_shipments", "requestBody": body(ShipmentBatch),
+                                      "responses": answers}},
+        "/score_transactions": {"post": {"operationId": "score_transactions", "requestBody": body(TransferBatch),
+                                         "responses": answers}},
+        "/scores/{score_id}": {"get": {"operationId": "get_score", "responses": answers, "parameters": [
+            {"name": "score_id", "in": "path", "required": True, "schema": {"type": "string"}}]}},
+        "/outcomes": {"post": {"operationId": "outcomes", "requestBody": body(OutcomeIn), "responses": answers}},
+    }
+    for name in ("Declaration", "Transfer"):  # the custom validators' formats, so that valid batches come up too
+        for prop_name, prop in components[name]["properties"].items():
+            if prop.get("type") == "string":
+                prop["pattern"] = PATTERNS.get(prop_name, r"^[A-Za-z0-9_-]{1,20}$")
+                prop.pop("format", None)
+    return {"openapi": "3.1.0", "info": {"title": "riskscore", "version": "1"}, "paths": paths,
+            "components": {"schemas": components}}
+
+
+@server_test
+def test_schemathesis_finds_no_server_error(server: Server):
+    """Schema-driven fuzzing (schemathesis, positive and negative cases, 25 per route) of every custom route
+    with a key of the right role: zero 5xx, some valid batches scored, and the server stays ready."""
+    import schemathesis
+    from schemathesis.generation.modes import GenerationMode
+
+    schema = schemathesis.openapi.from_dict(_openapi(server))
+    role = {"score_shipments": "customs", "score_transactions": "financial", "get_score": "reviewer",
+            "outcomes": "reviewer"}
+    failures, calls = [], Counter()
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        headers = server.headers(role[operation.definition.raw["operationId"]], "A")
+
+        def make(operation=operation, headers=headers):
+            @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(GenerationMode.POSITIVE) | operation.as_strategy(GenerationMode.NEGATIVE))
+            def fuzz(case):
+                response = case.call(base_url=server.url, headers=headers, timeout=60)
+                calls[(operation.path, response.status_code)] += 1
+                if response.status_code >= 500:
+                    failures.append((operation.path, response.status_code, response.text[:300]))
+
+            return fuzz
+
+        make()()
+    assert not failures, failures[:3]
+    assert sum(calls.values()) >= 4 * 10, calls
+    assert calls[("/score_shipments", 200)] and calls[("/score_transactions", 200)], calls
+    print("\nschemathesis calls by (route, status):", dict(sorted(calls.items())))
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        assert c.get("/readyz").json()["status"] in ("ready", "degraded")
+
+
+def header_value(size: int):  # any byte value HTTP/1.1 can carry (visible ASCII, obs-text, spaces)
+    alphabet = st.sampled_from([" ", *(chr(c) for c in range(33, 256) if c != 127)])
+    return st.text(alphabet, max_size=size).map(lambda v: v.strip().encode("latin-1"))
+
+
+HEADERS = st.fixed_dictionaries({}, optional={
+    "Content-Type": st.sampled_from(["application/json", "text/plain", "application/x-www-form-urlencoded",
+                                     "application/problem+json", "", "application/json; charset=latin-1"]),
+    "Idempotency-Key": header_value(200),
+    "X-Request-ID": header_value(300),
+})
+
+
+@server_test
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(route=st.sampled_from(["/score_shipments", "/score_transactions", "/outcomes", "/admin/reload"]),
+       body=st.one_of(json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=200),
+                      st.just(b"[" * 5_000), st.just(b'{"items": [' + b'{"a": 1},' * 1_500 + b"{}]}"),
+                      st.just(b'{"items": [1e999]}'), st.just(b'{"items": [NaN]}')),
+       headers=HEADERS)
+def test_hostile_http_requests_are_4xx(server: Server, route: str, body: bytes, headers: dict):
+    role = {"/score_shipments": "customs", "/score_transactions": "financial", "/outcomes": "reviewer",
+            "/admin/reload": "admin"}[route]
+    if route == "/admin/reload" and b"force" in body:
+        return  # a forced rebuild is legitimate (and slow), not hostile
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.post(route, content=body, headers={**server.headers(role), **headers})
+        assert r.status_code < 500, (route, body[:200], headers, r.text[:300])
+        if r.status_code >= 400:
+            assert r.json()["error"]
+
+
+@server_test
+def test_server_healthy_after_hostile_input(server: Server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.get("/readyz").status_code == 200
+        r = c.post("/score_transactions", json={"items": _events(server, "finance", 1, start=500)},
+                   headers=server.headers("financial"))
+        assert r.status_code == 200, r.text
+        huge = {"items": [_events(server, "finance", 1, start=500)[0]] * 50_000}
+        assert c.post("/score_transactions", json=huge, headers=server.headers("financial")).status_code == 413
+
+
+# ---------------------------------------------------------------------------------------------- model faults
+
+
+def _bundle_dir(server: Server, domain: str) -> Path:
+    root = Path(server.env["RISKSCORE_ARTIFACT_ROOT"].removeprefix("file://"))
+    found = sorted(root.glob(f"riskscore-{domain}/**/bundle/booster.txt"))
+    assert len(found) == 1, found
+    return found[0].parent
+
+
+@server_test
+def test_broken_champion_keeps_previous_serving(server: Server):
+    """Corrupt and then missing champion artifacts: forced reload answers 409, logs why, /readyz says degraded,
+    the loaded champion keeps scoring; once repaired, a reload clears the error."""
+    bundle = _bundle_dir(server, "finance")
+    booster = bundle / "booster.txt"
+    saved = booster.read_bytes()
+    items = _events(server, "finance", 1, start=600)
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        for hostile in ({"domains": ["finance"], "model_uri": "file:///tmp/evil"}, {"path": "/tmp/evil.pkl"},
+                        {"domains": ["../finance"]}, {"domains": ["finance"], "force": "yes"}):
+            r = c.post("/admin/reload", json=hostile, headers=server.headers("admin"))
+            assert r.status_code == 422, (hostile, r.text)  # no request field can name a model or a path
+        try:
+            for fault in ("corrupt", "missing"):
+                if fault == "corrupt":
+                    booster.write_bytes(b"tree\nnot a lightgbm model\n")
+                else:
+                    booster.write_bytes(saved)
+                    bundle.rename(bundle.with_name("bundle.moved"))
+                r = c.post("/admin/reload", json={"domains": ["finance"], "force": True},
+                           headers=server.headers("admin"))
+                assert r.status_code == 409, r.text
+                assert "keep serving" in r.json()["error"] and r.json()["detail"][0]["loc"] == "domains.finance"
+                ready = c.get("/readyz")
+                assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+                finance = ready.json()["domains"]["finance"]
+                assert finance["model"]["version"] == "1" and "no usable champion" in finance["reload_error"]["error"]
+                scored = c.post("/score_transactions", json={"items": [dict(items[0], transaction_id=f"F{fault}")]},
+                                headers=server.headers("financial"))
+                assert scored.status_code == 200 and scored.json()["items"][0]["model"]["version"] == "1"
+        finally:
+            if not bundle.exists():
+                bundle.with_name("bundle.moved").rename(bundle)
+            booster.write_bytes(saved)
+        r = c.post("/admin/reload", json={"domains": ["finance"], "force": True}, headers=server.headers("admin"))
+        assert r.status_code == 200, r.text
+        assert c.get("/readyz").json()["status"] == "ready"
+    log = [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
+    assert any("reload failed; the previous champion keeps serving" in x["msg"] for x in log)
+
+
+def test_service_never_unpickles_or_loads_models_from_request_data():
+    """Static guard: the serving code has no pickle/joblib/cloudpickle and no MLflow model loading of its own
+    (champions come only from ``training.registry.load_champion``, which reads plain bundle files)."""
+    root = Path(__file__).parents[1]
+    for path in [*sorted((root / "serving").rglob("*.py")), root / "training" / "bundle.py"]:
+        text = path.read_text()
+        for banned in ("import pickle", "cloudpickle", "joblib", "pyfunc.load_model", "mlflow.sklearn.load",
+                       "torch.load", "eval(", "exec("):
+            assert banned not in text, (path.relative_to(root), banned)
+
+
+def test_schema_incompatible_champion_is_refused(tmp_path):
+    """A champion whose feature list is not what this code computes is refused before it can serve."""
+    import lightgbm as lgb
+
+    from features.domains import feature_set
+    from serving.audit import AuditStore
+    from serving.scorer import DomainScorer, ServingConfigError
+    from training.bundle import Calibrator, ModelBundle
+
+    fs = feature_set("finance")
+    names = [*fs.names[:3], "feature_from_another_version"]
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.random((200, len(names))), columns=names)
+    booster = lgb.train({"objective": "binary", "verbose": -1, "num_threads": 1},
+                        lgb.Dataset(X, rng.integers(0, 2, 200)), num_boost_round=2)
+    bundle = ModelBundle(domain="finance", feature_names=names, categorical={}, feature_labels={}, booster=booster,
+                         calibrator=Calibrator([0.0, 1.0], [0.0, 1.0]), threshold=0.5, bands={"high": 0.5},
+                         feature_set_version=fs.version)
+    audit = AuditStore(f"sqlite:///{tmp_path / 'audit.db'}")
+    try:
+        with pytest.raises(ServingConfigError, match="feature_from_another_version"):
+            DomainScorer.build("finance", audit, (bundle, "riskscore-finance", "9"))
+    finally:
+        audit.close()
+
+
+def test_unreachable_tracking_server_refuses_to_start(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from serving.cli import serve_cmd
+
+    port = _free_port()
+    monkeypatch.setenv("RISKSCORE_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    started = time.monotonic()
+    result = CliRunner().invoke(serve_cmd, ["--domains", "customs", "--port", str(_free_port())])
+    assert result.exit_code == 1
+    assert "domain 'customs' has no usable champion" in result.output and f"127.0.0.1:{port}" in result.output
+    assert time.monotonic() - started < 60
+
+
+def test_training_refuses_invalid_data(tmp_path, monkeypatch):
+    from features.schemas import DataValidationError
+    from features.synthetic import generate
+    from training.pipeline import TrainConfig, train
+
+    monkeypatch.setenv("RISKSCORE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    data = generate("finance", 1000, seed=3, out_dir=tmp_path / "data", positive_rate=0.05, progress=False)
+    part = sorted(Path(data).glob("transactions/*.parquet"))[0]
+    frame = pd.read_parquet(part)
+    frame.loc[frame.index[7], "amount"] = -5.0
+    frame.to_parquet(part, index=False)
+    with pytest.raises(DataValidationError, match=r"amount"):
+        train("finance", data, config=TrainConfig(seed=0, quiet=True, num_threads=1))
+    assert not (tmp_path / "mlflow.db").exists() or "riskscore-finance" not in (tmp_path / "mlflow.db").read_bytes(
+        ).decode("latin-1")
+
+
+# ---------------------------------------------------------------------------------------------- SIGKILL (last)
+
+
+@server_test
+def test_sigkill_mid_load_then_restart_keeps_audit_consistent(server: Server):
+    """Kill -9 the server (arbiter and worker) under load, restart it, retry the requests that got a transport
+    error with their Idempotency-Key: the audit has no torn rows or duplicate ids, every committed score was
+    returned exactly once, and every returned score is in the audit."""
+    keys = _add_keys(server, [("customs", "K"), ("financial", "K")] * 3, rate=0)
+    clients = [("customs" if i % 2 == 0 else "finance", k) for i, k in enumerate(keys)]
+    stop, tag = threading.Event(), f"kill{time.time_ns()}"
+    box: dict = {}
+    loader = threading.Thread(target=lambda: box.setdefault("result", run_load(
+        server.url, clients, _pools(server), seconds=60, tag=tag, stop=stop)))
+    loader.start()
+    time.sleep(2.5)
+    killed = kill_tree(server.proc)
+    time.sleep(0.5)
+    stop.set()
+    loader.join(timeout=180)
+    result: LoadResult = box["result"]
+    before = result.statuses()
+    assert before["5xx"] == 0 and before["2xx"] > 0 and before["error"] > 0, before
+    port = _free_port()
+    proc = launch(server.env, server.log, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, server.log)
+        audit = audit_check(server.home / "audit.db", tag)
+        assert audit["integrity"] == "ok", audit["integrity"]
+        assert audit["torn_requests"] == 0 and audit["duplicate_score_ids"] == 0 and audit["orphan_scores"] == 0
+        returned_before = set(result.score_ids())
+        assert returned_before <= set(audit["score_ids"])  # every score a client got is in the audit
+        replayed = retry_failed(url, result)
+        after = result.statuses()
+        assert after["error"] == 0 and after["5xx"] == 0, after
+        assert all(s.status == (200 if s.valid else 422) for s in result.sent)
+        final = audit_check(server.home / "audit.db", tag)
+        returned = result.score_ids()
+        assert len(returned) == len(set(returned)) == len(final["score_ids"]) and set(returned) == set(
+            final["score_ids"])
+        assert final["torn_requests"] == 0 and final["duplicate_score_ids"] == 0
+        assert replayed <= len(clients)  # at most the requests in flight at the kill were committed unseen
+        print(f"\nkill test: pids {killed}, sent {len(result.sent)}, before kill {dict(before)}, "
+              f"retried {sum(s.retried for s in result.sent)} (replayed {replayed}), audit rows {len(returned)}")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except Exception:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+
+def test_pip_audit_policy_fails_only_on_fixable_advisories(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pip_audit_policy", Path(__file__).parents[1] / "scripts" /
+                                                  "pip_audit.py")
+    policy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(policy)
+    unfixable = {"name": "bar", "version": "2.0", "vulns": [{"id": "GHSA-x", "fix_versions": [], "aliases": []}]}
+    fixable = {"name": "foo", "version": "1.0", "vulns": [{"id": "PYSEC-1", "fix_versions": ["1.1"],
+                                                           "aliases": ["CVE-1"]}]}
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"dependencies": [unfixable, {"name": "riskscore", "skip_reason": "editable"}]}))
+    assert policy.main(["--report", str(report)]) == 0
+    assert "warning (no fix yet): bar 2.0: GHSA-x" in capsys.readouterr().out
+    report.write_text(json.dumps({"dependencies": [unfixable, fixable]}))
+    assert policy.main(["--report", str(report)]) == 1
+    assert "FAIL (fix available): foo 1.0: PYSEC-1 (CVE-1): fixed in 1.1" in capsys.readouterr().out
+    assert policy.classify({"dependencies": [fixable]}, {"CVE-1"})[2][0]["id"] == "PYSEC-1"  # ignored by alias
