@@ -176,7 +176,9 @@ def _parse(series: pd.Series, col: Column, problems: list[str]) -> pd.Series:
     if frac.any():
         problems.append(f"{_rows(frac)}, column '{col.name}': not a whole number")
         return parsed.astype("Float64")
-    return parsed.astype("Int64").astype("Int8") if parsed.abs().max(skipna=True) < 128 else parsed.astype("Int64")
+    peak = parsed.abs().max(skipna=True)
+    small = pd.isna(peak) or peak < 128  # all missing (or empty): the narrow type
+    return parsed.astype("Int64").astype("Int8") if small else parsed.astype("Int64")
 
 
 def parse_table(raw: pd.DataFrame, table: str, source: str) -> pd.DataFrame:

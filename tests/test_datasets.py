@@ -269,3 +269,13 @@ def test_shared_public_files(tmp_path: Path) -> None:
     fin = load_dataset("finance", amlsim)
     assert len(fin.transactions) == 118_250 and len(fin.accounts) == 20_000
     assert int(fin.accounts["is_fraud"].sum()) == 954
+
+
+def test_header_only_and_unlabelled_csv_load(finance_csv) -> None:
+    """A file with no rows, or with an all-empty label column, loads with the contract's types."""
+    folder, tx = finance_csv
+    tx.head(0).to_csv(folder / "transactions.csv", index=False)
+    assert len(load_dataset("finance", folder).transactions) == 0
+    tx.assign(is_laundering="").to_csv(folder / "transactions.csv", index=False)
+    loaded = load_dataset("finance", folder).transactions
+    assert len(loaded) == len(tx) and loaded["is_laundering"].isna().all()
