@@ -2,6 +2,12 @@
 
 All aggregates look strictly before the declaration date (see :mod:`features.engine`). Outcomes count
 from their closing date (cases) or the declaration date plus the label delay (labelled declarations).
+
+Learned risk covers broad groups (origin, route, HS6, HS chapter, office, tariff type), entities and exact
+declared values (the same price, HS6 x price, price x mass: repeated consignments), each as a rate smoothed
+towards a fixed prior plus, for exact values, how many earlier outcomes it rests on. Counts and ages that
+would only grow with the length of the history are windowed (30/90 days) or capped, so the model sees the
+same distributions in training and in later windows.
 """
 
 from __future__ import annotations
@@ -16,7 +22,13 @@ from features.featureset import T_COL, FeatureDef, FeatureSet
 
 DAY = 86_400
 DAYS_30 = pd.Timedelta(days=30)
-SMOOTHING = 20.0  # pseudo-count pulling learned risk rates towards the overall rate
+DAYS_90 = pd.Timedelta(days=90)
+AGE_CAP_DAYS = 90.0  # ages are capped: an uncapped age grows with the history and shifts between windows
+SMOOTHING = 20.0  # pseudo-count pulling learned risk rates of broad groups towards the prior
+EXACT_SMOOTHING = 2.0  # pseudo-count of entity and exact-value rates (few, very specific outcomes)
+# Fixed prior of every smoothed rate. A constant (not the expanding overall rate) keeps a rate's meaning the
+# same at every point in time, so train and later windows see one distribution.
+PRIOR = 0.2
 
 CATEGORICAL = (
     "office_id", "process_type", "import_type", "import_use", "payment_type", "transport_mode",
@@ -78,7 +90,10 @@ def _entity(name: str, col: str) -> list:
     return [
         Agg(name, "events", (col,), values=("log_price",), recency=True),
         Agg(f"{name}_30d", "events", (col,), window=DAYS_30),
+        Agg(f"{name}_90d", "events", (col,), window=DAYS_90),
         Agg(f"{name}_case", f"cases:{name}", ("entity_id",), query_keys=(col,), values=("confirmed",)),
+        Agg(f"{name}_case_90d", f"cases:{name}", ("entity_id",), query_keys=(col,), values=("confirmed",),
+            window=DAYS_90),
     ]
 
 
@@ -86,20 +101,30 @@ def _learned(name: str, keys: tuple[str, ...]) -> Agg:
     return Agg(f"risk_{name}", "labels", keys, values=("fraud",))
 
 
+# Exact-value keys of learned rates: (name, prepared columns, human-readable text).
+EXACT = (
+    ("price", ("log_price",), "same declared price"),
+    ("hs6_price", ("hs6", "log_price"), "same HS6 code and declared price"),
+    ("price_mass", ("log_price", "log_mass"), "same declared price and net mass"),
+)
+
+
 SPECS = [
     *_entity("importer", "importer_id"),
     *_entity("declarant", "declarant_id"),
     *_entity("seller", "seller_id"),
-    Agg("courier", "events", ("courier_id",)),
-    Distinct("importer_hs6", "events", ("importer_id",), "hs6"),
-    Distinct("importer_sellers", "events", ("importer_id",), "seller_id"),
-    Distinct("importer_declarants", "events", ("importer_id",), "declarant_id"),
-    Distinct("seller_importers", "events", ("seller_id",), "importer_id"),
+    Agg("courier_30d", "events", ("courier_id",), window=DAYS_30),
+    Distinct("importer_hs6", "events", ("importer_id",), "hs6", window=DAYS_90),
+    Distinct("importer_sellers", "events", ("importer_id",), "seller_id", window=DAYS_90),
+    Distinct("importer_declarants", "events", ("importer_id",), "declarant_id", window=DAYS_90),
+    Distinct("seller_importers", "events", ("seller_id",), "importer_id", window=DAYS_90),
     Agg("importer_hs6_hist", "events", ("importer_id", "hs6"), values=("log_unit_price",)),
     Agg("norm_hs6", "events", ("hs6",), values=("log_unit_price", "log_unit_price_sq")),
     Agg("norm_hs6_origin", "events", ("hs6", "country_origin"), values=("log_unit_price", "log_unit_price_sq")),
     Agg("norm_hs4", "events", ("hs4",), values=("log_unit_price", "log_unit_price_sq")),
-    _learned("all", ("all",)),
+    Agg("norm_hs6_90d", "events", ("hs6",), window=DAYS_90),
+    Agg("norm_hs6_origin_90d", "events", ("hs6", "country_origin"), window=DAYS_90),
+    Agg("norm_hs4_90d", "events", ("hs4",), window=DAYS_90),
     _learned("origin", ("country_origin",)),
     _learned("route", ("country_departure", "country_origin")),
     _learned("hs6", ("hs6",)),
@@ -109,6 +134,8 @@ SPECS = [
     _learned("declarant", ("declarant_id",)),
     _learned("seller", ("seller_id",)),
     _learned("tax_type", ("tax_type",)),
+    # outcomes of earlier declarations with exactly the same declared values (repeated consignments)
+    *(_learned(name, keys) for name, keys, _text in EXACT),
 ]
 
 
@@ -118,8 +145,9 @@ def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
-def _rate(num: np.ndarray, den: np.ndarray, prior: np.ndarray, m: float = SMOOTHING) -> np.ndarray:
-    return (num + prior * m) / (den + m)
+def _rate(num: np.ndarray, den: np.ndarray, m: float = SMOOTHING) -> np.ndarray:
+    """Rate of ``num`` outcomes in ``den`` trials, smoothed towards the fixed :data:`PRIOR`."""
+    return (num + PRIOR * m) / (den + m)
 
 
 def _price_z(f: Mapping[str, np.ndarray], norm: str) -> tuple[np.ndarray, np.ndarray]:
@@ -138,22 +166,20 @@ def derive(f: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
                 "has_seller", "weekday"):
         out[col] = f[col]
     for ent in ("importer", "declarant", "seller"):
-        out[f"{ent}_prior_count"] = f[f"{ent}_n"]
         out[f"{ent}_count_30d"] = f[f"{ent}_30d_n"]
-        out[f"{ent}_days_since_first"] = f[f"{ent}_since_first"] / DAY
-        out[f"{ent}_days_since_last"] = f[f"{ent}_since_last"] / DAY
+        out[f"{ent}_count_90d"] = f[f"{ent}_90d_n"]
+        out[f"{ent}_days_since_first"] = np.minimum(f[f"{ent}_since_first"] / DAY, AGE_CAP_DAYS)
+        out[f"{ent}_days_since_last"] = np.minimum(f[f"{ent}_since_last"] / DAY, AGE_CAP_DAYS)
         out[f"{ent}_price_vs_history"] = f["log_price"] - _div(f[f"{ent}_log_price"], f[f"{ent}_n"])
-        out[f"{ent}_cases"] = f[f"{ent}_case_n"]
-        out[f"{ent}_confirmed_cases"] = f[f"{ent}_case_confirmed"]
-    prior = (f["risk_all_fraud"] + 1.0) / (f["risk_all_n"] + 2.0)
-    for ent in ("importer", "declarant", "seller"):
-        out[f"{ent}_fraud_rate"] = _rate(f[f"{ent}_case_confirmed"], f[f"{ent}_case_n"], prior, m=2.0)
-        out[f"{ent}_label_rate"] = _rate(f[f"risk_{ent}_fraud"], f[f"risk_{ent}_n"], prior, m=2.0)
-    out["courier_prior_count"] = f["courier_n"]
-    out["importer_distinct_hs6"] = f["importer_hs6"]
-    out["importer_distinct_sellers"] = f["importer_sellers"]
-    out["importer_distinct_declarants"] = f["importer_declarants"]
-    out["seller_distinct_importers"] = f["seller_importers"]
+        out[f"{ent}_cases_90d"] = f[f"{ent}_case_90d_n"]
+        out[f"{ent}_confirmed_cases_90d"] = f[f"{ent}_case_90d_confirmed"]
+        out[f"{ent}_fraud_rate"] = _rate(f[f"{ent}_case_confirmed"], f[f"{ent}_case_n"], m=EXACT_SMOOTHING)
+        out[f"{ent}_label_rate"] = _rate(f[f"risk_{ent}_fraud"], f[f"risk_{ent}_n"], m=EXACT_SMOOTHING)
+    out["courier_count_30d"] = f["courier_30d_n"]
+    out["importer_distinct_hs6_90d"] = f["importer_hs6"]
+    out["importer_distinct_sellers_90d"] = f["importer_sellers"]
+    out["importer_distinct_declarants_90d"] = f["importer_declarants"]
+    out["seller_distinct_importers_90d"] = f["seller_importers"]
     out["importer_new_hs6"] = (f["importer_hs6_hist_n"] == 0).astype(np.float64)
     out["unit_price_vs_own_history"] = f["log_unit_price"] - _div(
         f["importer_hs6_hist_log_unit_price"], f["importer_hs6_hist_n"])
@@ -161,9 +187,12 @@ def derive(f: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         dev, z = _price_z(f, norm)
         out[f"unit_price_dev_{label}"] = dev
         out[f"unit_price_z_{label}"] = z
-        out[f"{label}_prior_count"] = f[f"{norm}_n"]
+        out[f"{label}_count_90d"] = f[f"{norm}_90d_n"]
     for name in ("origin", "route", "hs6", "hs2", "office", "tax_type"):
-        out[f"risk_{name}"] = _rate(f[f"risk_{name}_fraud"], f[f"risk_{name}_n"], prior)
+        out[f"risk_{name}"] = _rate(f[f"risk_{name}_fraud"], f[f"risk_{name}_n"])
+    for name, _keys, _text in EXACT:
+        out[f"risk_{name}"] = _rate(f[f"risk_{name}_fraud"], f[f"risk_{name}_n"], m=EXACT_SMOOTHING)
+        out[f"seen_{name}"] = f[f"risk_{name}_n"]
     return out
 
 
@@ -181,22 +210,22 @@ FEATURES = [
         FeatureDef(f"{ent}_{suffix}", f"{ent.capitalize()}: {text}")
         for ent in ("importer", "declarant", "seller")
         for suffix, text in (
-            ("prior_count", "earlier declarations"),
             ("count_30d", "declarations in the last 30 days"),
-            ("days_since_first", "days since first seen"),
-            ("days_since_last", "days since previous declaration"),
+            ("count_90d", "declarations in the last 90 days"),
+            ("days_since_first", f"days since first seen (capped at {AGE_CAP_DAYS:.0f})"),
+            ("days_since_last", f"days since previous declaration (capped at {AGE_CAP_DAYS:.0f})"),
             ("price_vs_history", "price vs own average (log)"),
-            ("cases", "closed cases"),
-            ("confirmed_cases", "confirmed fraud cases"),
+            ("cases_90d", "cases closed in the last 90 days"),
+            ("confirmed_cases_90d", "confirmed fraud cases closed in the last 90 days"),
             ("fraud_rate", "confirmed-case rate (smoothed)"),
             ("label_rate", "inspection fraud rate (smoothed)"),
         )
     ),
-    FeatureDef("courier_prior_count", "Courier: earlier declarations"),
-    FeatureDef("importer_distinct_hs6", "Importer: distinct HS6 codes so far"),
-    FeatureDef("importer_distinct_sellers", "Importer: distinct sellers so far"),
-    FeatureDef("importer_distinct_declarants", "Importer: distinct declarants so far"),
-    FeatureDef("seller_distinct_importers", "Seller: distinct importers so far"),
+    FeatureDef("courier_count_30d", "Courier: declarations in the last 30 days"),
+    FeatureDef("importer_distinct_hs6_90d", "Importer: distinct HS6 codes in the last 90 days"),
+    FeatureDef("importer_distinct_sellers_90d", "Importer: distinct sellers in the last 90 days"),
+    FeatureDef("importer_distinct_declarants_90d", "Importer: distinct declarants in the last 90 days"),
+    FeatureDef("seller_distinct_importers_90d", "Seller: distinct importers in the last 90 days"),
     FeatureDef("importer_new_hs6", "First time this importer declares this HS6"),
     FeatureDef("unit_price_vs_own_history", "Unit price vs importer's own history for this HS6 (log)"),
     *(
@@ -207,7 +236,7 @@ FEATURES = [
             ("unit_price_z", "Unit price z-score vs norm of"),
         )
     ),
-    *(FeatureDef(f"{label}_prior_count", f"Earlier declarations of same {label.replace('_', ' x ')}")
+    *(FeatureDef(f"{label}_count_90d", f"Declarations of same {label.replace('_', ' x ').upper()} in the last 90 days")
       for label in ("hs6", "hs6_origin", "hs4")),
     FeatureDef("risk_origin", "Learned fraud rate of origin country"),
     FeatureDef("risk_route", "Learned fraud rate of departure→origin route"),
@@ -215,6 +244,14 @@ FEATURES = [
     FeatureDef("risk_hs2", "Learned fraud rate of HS chapter"),
     FeatureDef("risk_office", "Learned fraud rate of customs office"),
     FeatureDef("risk_tax_type", "Learned fraud rate of tariff type"),
+    *(
+        FeatureDef(f"{prefix}_{name}", f"{head} {text}")
+        for name, _keys, text in EXACT
+        for prefix, head in (
+            ("risk", "Learned fraud rate of earlier declarations with the"),
+            ("seen", "Inspected earlier declarations with the"),
+        )
+    ),
 ]
 
 
@@ -223,6 +260,6 @@ def feature_set(label_delay_days: float = 0.0) -> FeatureSet:
     return FeatureSet(
         domain="customs", id_col="declaration_id", time_col="date", label_col="fraud",
         entity_cols=("importer_id", "declarant_id", "seller_id"),
-        prepare=prepare, sources=sources, specs=SPECS, derive=derive, features=FEATURES, version="customs-1",
+        prepare=prepare, sources=sources, specs=SPECS, derive=derive, features=FEATURES, version="customs-2",
         label_delay=pd.Timedelta(days=label_delay_days),
     )

@@ -31,6 +31,15 @@ def declarations(n: int = 1500, seed: int = 0) -> pd.DataFrame:
         "net_mass": rng.lognormal(5, 1, n), "item_price": rng.lognormal(10, 1, n),
         "fraud": pd.array((rng.random(n) < 0.1).astype(int), dtype="Int8"),
     })
+    # repeated consignments: a third of the rows re-declare the exact price (half also the mass) of a pool
+    # row, so exact-value features have history (separate stream: the columns above stay as they were)
+    rep = np.random.default_rng([seed, 1])
+    pool = rep.choice(n, 60, replace=False)
+    again = np.flatnonzero(rep.random(n) < 1 / 3)
+    src = rep.choice(pool, len(again))
+    frame.loc[again, "item_price"] = frame["item_price"].to_numpy()[src]
+    same_mass = rep.random(len(again)) < 0.5
+    frame.loc[again[same_mass], "net_mass"] = frame["net_mass"].to_numpy()[src[same_mass]]
     return frame
 
 

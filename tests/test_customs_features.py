@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features.customs import feature_set
+from features.customs import PRIOR, feature_set
 from features.schemas import validate_table
 from tests.customs_data import cases_from, declarations
 
@@ -68,7 +68,7 @@ def test_price_norm_uses_only_earlier_declarations(data):
     fs = feature_set()
     feats = fs.build(decl)
     first_of_day = decl.groupby("hs6")["date"].transform("min") == decl["date"]
-    assert feats.loc[first_of_day, "hs6_prior_count"].eq(0).all()
+    assert feats.loc[first_of_day, "hs6_count_90d"].eq(0).all()
     assert feats.loc[first_of_day, "unit_price_dev_hs6"].isna().all()
 
 
@@ -93,3 +93,36 @@ def test_online_equals_batch_for_each_new_event(data):
             event = todays.iloc[i : i + 1]
             assert_same(state.features(event), batch.loc[event.index], fs.categorical)
         state.ingest(todays)
+
+
+def test_exact_value_rates_count_only_outcomes_known_before(data):
+    """seen_/risk_ of exact declared values = earlier same-value declarations whose outcome was already known."""
+    decl, cases = data
+    delay = pd.Timedelta(days=3)
+    fs = feature_set(3)
+    feats = fs.build(decl, cases)
+    price, mass, hs6 = decl["item_price"].to_numpy(), decl["net_mass"].to_numpy(), decl["hs6"].astype(str).to_numpy()
+    known = (decl["date"] + delay).to_numpy()
+    fraud = decl["fraud"].to_numpy(float)
+    keys = {"price": lambda i: price == price[i], "hs6_price": lambda i: (price == price[i]) & (hs6 == hs6[i]),
+            "price_mass": lambda i: (price == price[i]) & (mass == mass[i])}
+    assert feats["seen_price"].gt(0).sum() > 100  # the fixture repeats prices: the path is exercised
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(decl), 150, replace=False):
+        before = known < decl["date"].to_numpy()[i]
+        for name, same in keys.items():
+            hit = same(i) & before
+            assert feats[f"seen_{name}"].iloc[i] == hit.sum(), (name, i)
+            expected = (fraud[hit].sum() + PRIOR * 2) / (hit.sum() + 2)
+            assert feats[f"risk_{name}"].iloc[i] == pytest.approx(expected), (name, i)
+
+
+def test_smoothed_rates_use_a_fixed_prior(data):
+    """Without any history a rate is the fixed prior, whatever happened elsewhere before."""
+    decl, cases = data
+    feats = feature_set(3).build(decl, cases)
+    unseen = feats["seen_price"].eq(0)
+    assert unseen.any() and feats.loc[unseen, "risk_price"].eq(PRIOR).all()
+    late_new = feats["declarant_label_rate"].notna() & (decl["date"] > decl["date"].quantile(0.5))
+    first = ~decl.duplicated("declarant_id")
+    assert feats.loc[late_new & first, "declarant_label_rate"].eq(PRIOR).all()
