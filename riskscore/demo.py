@@ -118,9 +118,9 @@ def show_score(domain: str, body: dict) -> None:
 
 
 @click.command("demo")
-@click.option("--customs-rows", type=click.IntRange(500), default=20_000, show_default=True,
+@click.option("--customs-rows", type=click.IntRange(500), default=10_000, show_default=True,
               help="Synthetic declarations to generate.")
-@click.option("--finance-rows", type=click.IntRange(1_000), default=50_000, show_default=True,
+@click.option("--finance-rows", type=click.IntRange(1_000), default=20_000, show_default=True,
               help="Synthetic transfers to generate.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data and training.")
 @click.option("--port", type=click.IntRange(0, 65535), default=0, help="Server port (0: a free one).")

@@ -433,6 +433,19 @@ def test_outcome_becomes_case_and_label(server: Server):
         validate_table(labelled, "declarations", "export")
     finally:
         store.close()
+    # the next training run reads the outcome: the case and the reviewed event (label 1) are in its data
+    from training.pipeline import TrainConfig, load_training_data, train
+
+    audit_url = f"sqlite:///{server.home / 'audit.db'}"
+    result = train("customs", server.data["customs"],
+                   config=TrainConfig(track=False, quiet=True, num_threads=1, audit_url=audit_url))
+    assert result.data.reviewed >= 1
+    assert set(mine["case_id"]) <= set(result.data.cases["case_id"])
+    reviewed = result.data.events[result.data.events["declaration_id"] == items[0]["declaration_id"]]
+    assert reviewed["fraud"].tolist() == [1]
+    without = load_training_data("customs", server.data["customs"],
+                                 TrainConfig(audit_url=audit_url, reviewer_outcomes=False))
+    assert without.reviewed == 0 and not set(mine["case_id"]) & set(without.cases["case_id"])
 
 
 @server_test

@@ -23,6 +23,10 @@ def _one_line(err: Exception) -> str:
 @click.option("--eval", "eval_path", type=EXISTING,
               help="Evaluation file = test window; the training file is split into train/validation/calibration.")
 @click.option("--cases", "cases_path", type=EXISTING, help="Extra reviewer outcomes (cases table, parquet or CSV).")
+@click.option("--reviewer-outcomes/--no-reviewer-outcomes", default=True, show_default=True,
+              help="Use outcomes recorded by reviewers in the service's audit store as cases and labels.")
+@click.option("--audit-url", help="Audit store to read outcomes from [default: $RISKSCORE_AUDIT_URL or "
+              "<RISKSCORE_HOME>/audit.db].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of everything random.")
 @click.option("--capacity", type=float, default=0.05, show_default=True,
               help="Review capacity: share of events reviewers can inspect (sets the threshold).")

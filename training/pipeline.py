@@ -37,6 +37,7 @@ from training.metrics import (
     threshold_for_precision,
     top_k,
 )
+from training.outcomes import read_reviewer_outcomes
 from training.split import DEFAULT_FRACTIONS, Split, time_split
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class TrainConfig:
     target_precision: float | None = None  # threshold by precision instead of capacity
     label_delay_days: float | None = None  # None: the domain default
     cases_path: str | None = None  # extra reviewer outcomes (cases parquet/CSV)
+    reviewer_outcomes: bool = True  # read outcomes recorded through the service from the audit store
+    audit_url: str | None = None  # None: $RISKSCORE_AUDIT_URL or <RISKSCORE_HOME>/audit.db
     eval_path: str | None = None  # separate evaluation file = test window
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # train, validation, calibration, test
     split_dates: tuple[str, ...] | None = None  # explicit starts of validation, calibration, test
@@ -130,6 +133,7 @@ class TrainData:
     accounts: pd.DataFrame | None
     from_eval: np.ndarray  # True for rows of the evaluation file
     paths: list[str]
+    reviewed: int = 0  # labelled events added from reviewer outcomes in the audit store (last rows)
 
 
 @dataclass
@@ -195,13 +199,23 @@ def load_training_data(domain: str, data_path: str | Path, config: TrainConfig) 
     if config.cases_path:
         reviewer = read_table(Path(config.cases_path), "cases")
         cases = merge_cases(reviewer, cases)
+    n_reviewed = 0
+    if config.reviewer_outcomes and (reviewed := read_reviewer_outcomes(domain, config.audit_url)) is not None:
+        cases = merge_cases(reviewed.cases, cases)
+        new = reviewed.events[~reviewed.events[fs_id].isin(events[fs_id])]
+        if len(new):
+            events = pd.concat([events, new], ignore_index=True)
+        n_reviewed = len(new)
     accounts = None
     if domain == "finance":
         accounts = pd.concat([d.accounts for d in datasets], ignore_index=True).drop_duplicates(
             "account_id", ignore_index=True)
-    from_eval = np.r_[np.zeros(len(events_of(first)), bool), np.ones(len(events) - len(events_of(first)), bool)]
+    n_first = len(events_of(first))
+    from_eval = np.r_[np.zeros(n_first, bool), np.ones(len(events) - n_first - n_reviewed, bool),
+                      np.zeros(n_reviewed, bool)]
     paths = [str(Path(data_path).resolve())] + ([str(Path(config.eval_path).resolve())] if config.eval_path else [])
-    return TrainData(events=events, cases=cases, accounts=accounts, from_eval=from_eval, paths=paths)
+    return TrainData(events=events, cases=cases, accounts=accounts, from_eval=from_eval, paths=paths,
+                     reviewed=n_reviewed)
 
 
 def shuffle_labels(domain: str, data: TrainData, label_col: str, seed: int, delay: float | None) -> TrainData:
@@ -470,7 +484,7 @@ def evaluate_bundle(
     """
     fs = domain_feature_set(domain, bundle.label_delay_days)
     config = TrainConfig(label_delay_days=bundle.label_delay_days, cases_path=str(cases_path) if cases_path else None,
-                         eval_path=str(data_path) if history_path else None)
+                         eval_path=str(data_path) if history_path else None, reviewer_outcomes=False)
     data = load_training_data(domain, history_path or data_path, config)
     if bundle.feature_set_version != fs.version:
         raise ValueError(f"the model was trained with feature set {bundle.feature_set_version!r} but this code "

@@ -1,0 +1,45 @@
+"""Reviewer outcomes from the service's audit store, as training input for the next run.
+
+Each outcome recorded through ``POST /outcomes`` (or the review page) gives ``cases`` rows on the scored
+event's entities (known from the decision time on) and the scored event itself as a labelled event
+(1 = confirmed, 0 = cleared). ``riskscore train`` reads them by default from ``$RISKSCORE_AUDIT_URL`` or
+``<RISKSCORE_HOME>/audit.db``; an absent SQLite file means "no outcomes yet".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from sqlalchemy.engine import make_url
+
+from riskscore import config
+
+
+@dataclass
+class ReviewerOutcomes:
+    cases: pd.DataFrame
+    events: pd.DataFrame
+
+
+def audit_store_exists(url: str) -> bool:
+    """False only for a SQLite URL whose file does not exist (other databases are assumed reachable)."""
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite"):
+        return True
+    return bool(parsed.database) and parsed.database != ":memory:" and Path(parsed.database).exists()
+
+
+def read_reviewer_outcomes(domain: str, url: str | None = None) -> ReviewerOutcomes | None:
+    """Cases and labelled events of ``domain`` decided by reviewers, or ``None`` without an audit store."""
+    url = url or config.audit_url()
+    if not audit_store_exists(url):
+        return None
+    from serving.audit import AuditStore
+
+    store = AuditStore(url)
+    try:
+        return ReviewerOutcomes(cases=store.export_cases(domain), events=store.export_labelled_events(domain))
+    finally:
+        store.close()
