@@ -103,6 +103,23 @@ def _project_files(path: Path, domain: str) -> dict[str, Path] | None:
     return found
 
 
+def _events_file(path: Path, domain: str) -> bool:
+    """A single CSV/Parquet file holding the domain's event table in the project's column names."""
+    if not path.is_file() or path.suffix not in (".csv", ".parquet"):
+        return False
+    id_col = EVENTS[domain][2]
+    names = _header(path) if path.suffix == ".csv" else pads.dataset(path, format="parquet").schema.names
+    return id_col in names
+
+
+def accounts_of(transactions: pd.DataFrame) -> pd.DataFrame:
+    """The ``accounts`` table implied by transfers alone: each account with the country it first appears in."""
+    sides = [transactions[[f"{side}_account", f"{side}_country"]].set_axis(["account_id", "country"], axis=1)
+             for side in ("source", "target")]
+    both = pd.concat(sides, ignore_index=True).drop_duplicates("account_id", ignore_index=True)
+    return conform_table(both, "accounts", "transactions")
+
+
 def read_table(path: Path, table: str) -> pd.DataFrame:
     """One contract table from a CSV (strict parsing) or parquet file/directory (lossless conversion)."""
     if path.suffix == ".csv":
@@ -356,6 +373,10 @@ def load_dataset(domain: str, path: str | Path, label_delay_days: float | None =
         events = read_table(project[table], table)
         if domain == "finance":
             accounts = read_table(project["accounts"], "accounts")
+    elif _events_file(path, domain):  # one file of events in the project's columns (e.g. new items to score)
+        events = read_table(path, table)
+        if domain == "finance":
+            accounts = accounts_of(events)
     elif domain == "customs" and (files := _public_customs_files(path)):
         events = read_public_customs(files)
     elif domain == "finance" and (aml := _amlsim_files(path)):

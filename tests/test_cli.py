@@ -1,0 +1,88 @@
+"""The ``riskscore`` console script as a user runs it: help everywhere, the data -> model -> scores path, and
+one-line errors with a non-zero exit code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from riskscore.cli import COMMANDS, cli
+
+RISKSCORE = Path(sys.executable).with_name("riskscore")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("cli")
+    out = {**os.environ, "RISKSCORE_HOME": str(root / "home"), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "RISKSCORE_ARTIFACT_ROOT": (root / "artifacts").as_uri(), "ROOT": str(root)}
+    out.pop("RISKSCORE_AUDIT_URL", None)
+    return out
+
+
+def run(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(RISKSCORE), *args], env=env, capture_output=True, text=True, timeout=600)
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_every_command_has_help(command: str | None) -> None:
+    result = CliRunner().invoke(cli, [command, "--help"] if command else ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output and "--help" in result.output
+
+
+def test_generate_features_train_score_evaluate(env: dict[str, str]) -> None:
+    root = Path(env["ROOT"])
+    run(env, "generate", "--domain", "customs", "--rows", "3000", "--seed", "3", "--out", str(root / "data"),
+        "--positive-rate", "0.08")
+    built = run(env, "features", "--domain", "customs", "--in", str(root / "data"), "--out", str(root / "f.parquet"))
+    assert "wrote 3,000 rows" in built.stdout
+    table = pd.read_parquet(root / "f.parquet")
+    assert len(table) == 3000 and {"declaration_id", "date", "fraud"} <= set(table.columns)
+
+    trained = run(env, "train", "--domain", "customs", "--data", str(root / "data"), "--num-threads", "1")
+    assert "PR-AUC" in trained.stdout and "v1: promoted" in trained.stdout
+
+    from features.datasets import load_dataset
+
+    late = load_dataset("customs", root / "data").declarations.tail(200)
+    late.to_csv(root / "new.csv", index=False)
+    scored = run(env, "score", "--domain", "customs", "--in", str(root / "new.csv"), "--out", str(root / "s.csv"))
+    assert "scored 200 items" in scored.stdout
+    scores = pd.read_csv(root / "s.csv", dtype={"id": str})
+    assert list(scores["id"]) == list(late["declaration_id"])
+    assert scores["score"].between(0, 1).all() and scores["reason_1"].notna().all()
+    assert {"band", "flagged", "base_value", "reason_1_contribution", "model_version"} <= set(scores.columns)
+
+    evaluated = run(env, "evaluate", "--domain", "customs", "--data", str(root / "data"))
+    for metric in ("PR-AUC", "ROC-AUC", " 1%", " 2%", " 5%", "10%", "precision"):
+        assert metric in evaluated.stdout, evaluated.stdout
+
+    drift = run(env, "drift", "--domain", "customs", "--data", str(root / "new.csv"))
+    assert "psi" in drift.stdout.lower()
+
+
+def test_errors_are_one_line_with_nonzero_exit(env: dict[str, str]) -> None:
+    root = Path(env["ROOT"])
+    (root / "bad").mkdir(exist_ok=True)
+    (root / "bad" / "transactions.csv").write_text("transaction_id,timestamp\nT1,not-a-date\n")
+    (root / "bad" / "accounts.csv").write_text("account_id,country\nA,US\n")
+    bad = run(env, "features", "--domain", "finance", "--in", str(root / "bad"), "--out", str(root / "x.parquet"),
+              ok=False)
+    assert bad.returncode != 0
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("riskscore:") and "transactions.csv" in lines[0], bad.stderr
+    unknown = run(env, "train", "--domain", "customs", ok=False)
+    assert unknown.returncode != 0 and "--data" in unknown.stderr
+    no_model = run({**env, "RISKSCORE_MODEL_FINANCE": "no-such-model"}, "score", "--domain", "finance", "--in",
+                   str(root / "bad"), "--out", str(root / "y.csv"), ok=False)
+    assert no_model.returncode != 0 and len(no_model.stderr.strip().splitlines()) == 1, no_model.stderr
