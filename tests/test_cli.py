@@ -86,3 +86,23 @@ def test_errors_are_one_line_with_nonzero_exit(env: dict[str, str]) -> None:
     no_model = run({**env, "RISKSCORE_MODEL_FINANCE": "no-such-model"}, "score", "--domain", "finance", "--in",
                    str(root / "bad"), "--out", str(root / "y.csv"), ok=False)
     assert no_model.returncode != 0 and len(no_model.stderr.strip().splitlines()) == 1, no_model.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    """The README's main job on small data: both models registered, served, sample scores with reasons."""
+    env = {**os.environ, "RISKSCORE_HOME": str(tmp_path / "home")}
+    for key in ("MLFLOW_TRACKING_URI", "RISKSCORE_AUDIT_URL", "RISKSCORE_KEYS_FILE", "RISKSCORE_API_KEYS"):
+        env.pop(key, None)
+    demo = run(env, "demo", "--customs-rows", "2000", "--finance-rows", "3000")
+    out = demo.stdout
+    for domain in ("customs", "finance"):
+        assert f"registered riskscore-{domain} v1" in out
+        assert f"[{domain}] DEMO-" in out
+    assert out.count("base value") == 4 and "+ contributions = raw margin" in out
+    assert (tmp_path / "home" / "mlflow.db").exists() and (tmp_path / "home" / "audit.db").exists()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "home" / "audit.db") as conn:
+        assert conn.execute("select count(*) from scores").fetchone()[0] == 4
