@@ -129,6 +129,20 @@ def test_first_run_is_tracked_and_becomes_champion(first):
     assert mv.tags["promotion_decision"] == "promoted"
 
 
+def test_logged_pyfunc_scores_like_the_bundle_without_pickles(first, tmp_path):
+    uri = f"models:/{NAME}/{first.model_version}"
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path)))
+    assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle", ".joblib")]
+    model = mlflow.pyfunc.load_model(uri)
+    X, _ = first.window("test")
+    from training.pyfunc import signature_frame
+
+    sample = signature_frame(X[first.bundle.feature_names].head(50), list(first.bundle.categorical))
+    out = model.predict(sample)
+    np.testing.assert_allclose(out["score"].to_numpy(), first.bundle.predict(sample), atol=1e-12)
+    assert set(out["band"]) <= set(first.bundle.bands) | {"low"}
+
+
 def test_calibration_beats_sigmoid_of_raw_margin(first):
     _, y = first.window("test")
     full = first.models["full"]

@@ -27,13 +27,14 @@ from sklearn.metrics import confusion_matrix, precision_recall_curve
 
 from riskscore import config as rconfig
 from training.calibrate import reliability_plot
-from training.pyfunc import BUNDLE_ARTIFACT, RiskModel, predict_frame, signature_frame
+from training.pyfunc import BUNDLE_ARTIFACT, predict_frame, signature_frame
 
 if TYPE_CHECKING:
     from training.pipeline import TrainResult
 
 MODEL_ARTIFACT = "model"
 REPORT_DIR = "report"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # "models from code": no pickled Python object
 
 
 def experiment_name(domain: str) -> str:
@@ -296,7 +297,7 @@ def log_run(result: TrainResult) -> tuple[str, str | None]:
             sample = signature_frame(X_test[result.bundle.feature_names].head(200), list(result.bundle.categorical))
             signature = infer_signature(sample, predict_frame(result.bundle, sample))
             info = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT, python_model=RiskModel(), artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+                name=MODEL_ARTIFACT, python_model=str(PYFUNC_CODE), artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
                 signature=signature, input_example=sample.head(5),
                 registered_model_name=name if result.config.register else None,
                 pip_requirements=pip_requirements(),
