@@ -25,6 +25,7 @@ import pandas as pd
 from features.engine import to_seconds
 
 T_COL = "_t"
+BUILD_CHUNK_ROWS = 500_000  # rows per derive() call in FeatureSet.build
 
 
 class OnlineExecutor(Protocol):
@@ -93,18 +94,67 @@ class FeatureSet:
         return out
 
     def build(
-        self, events: pd.DataFrame, cases: pd.DataFrame | None = None, progress: Callable[[int], None] | None = None
+        self, events: pd.DataFrame, cases: pd.DataFrame | None = None, progress: Callable[[int], None] | None = None,
+        dtype: np.dtype | type | None = None, chunk_rows: int = BUILD_CHUNK_ROWS,
     ) -> pd.DataFrame:
-        """Point-in-time features for every event (batch executor), aligned with ``events``' rows."""
+        """Point-in-time features for every event (batch executor), aligned with ``events``' rows.
+
+        Numeric features are float64 (the values the online path gives) unless ``dtype`` says otherwise:
+        ``dtype=np.float32`` halves the frame (training: LightGBM bins the values anyway). They are always computed
+        in float64 and cast at the end, so float32 features are exactly the float64 ones rounded once. Memory stays
+        near one float64 copy of the aggregates: each spec's output is kept as plain column arrays, ``derive`` (row
+        wise) runs on slices of ``chunk_rows`` rows and writes into one preallocated numeric block.
+        """
         prepared = self.prepare(events)
-        sources = self.sources(events=prepared, labels=self.prepared_labels(events), cases=_empty_cases(cases))
-        parts = [prepared]
+        labels = self._labels_from_prepared(events, prepared)
+        sources = self.sources(events=prepared, labels=labels, cases=_empty_cases(cases))
+        del labels
+        columns = {c: prepared[c].to_numpy() for c in prepared.columns}
+        narrowed: set[str] = set()  # aggregates stored as float32 because that holds them exactly (counts)
         for spec in self.specs:
-            parts.append(spec.batch(sources, prepared))
+            part = spec.batch(sources, prepared)
+            for c in part.columns:
+                columns[c], exact = _narrow(part[c].to_numpy())
+                if exact:
+                    narrowed.add(c)
+            del part
             if progress is not None:
                 progress(1)
-        columns = {c: p[c].to_numpy() for p in parts for c in p.columns}
-        return self.frame(self.derive(columns), events.index)
+        del sources
+        return self._frame_chunked(columns, narrowed, events.index, np.dtype(dtype or np.float64), chunk_rows)
+
+    def _labels_from_prepared(self, events: pd.DataFrame, prepared: pd.DataFrame) -> pd.DataFrame:
+        """:meth:`prepared_labels` from the already prepared rows (``prepare`` is row-wise: same frame)."""
+        if self.label_col not in events:
+            return self.prepared_labels(events)
+        mask = events[self.label_col].notna().to_numpy()
+        out = prepared.take(np.flatnonzero(mask)) if not mask.all() else prepared.copy()
+        out[T_COL] = to_seconds((events[self.time_col] + self.label_delay).to_numpy()[mask])
+        return out
+
+    def _frame_chunked(self, columns: dict[str, np.ndarray], narrowed: set[str], index: pd.Index, dtype: np.dtype,
+                       chunk_rows: int) -> pd.DataFrame:
+        """:meth:`frame` of ``derive(columns)`` computed ``chunk_rows`` rows at a time into one numeric block."""
+        n = len(index)
+        cats = set(self.categorical)
+        numeric = [name for name in self.names if name not in cats]
+        block = np.empty((len(numeric), n), dtype=dtype)  # row j = feature numeric[j] (pandas' block layout)
+        objects: dict[str, list[np.ndarray]] = {name: [] for name in self.names if name in cats}
+        for start in range(0, max(n, 1), max(chunk_rows, 1)):
+            stop = min(n, start + chunk_rows)
+            derived = self.derive({c: a[start:stop].astype(np.float64) if c in narrowed else a[start:stop]
+                                   for c, a in columns.items()})
+            for j, name in enumerate(numeric):
+                block[j, start:stop] = derived[name]
+            for name, parts in objects.items():
+                parts.append(np.asarray(derived[name]))
+            del derived
+        columns.clear()
+        frame = pd.DataFrame(block.T, index=index, columns=numeric, copy=False)
+        for name, parts in objects.items():
+            values = np.concatenate(parts) if parts else np.empty(0, dtype=object)
+            frame.insert(self.names.index(name), name, values)
+        return frame
 
     def frame(self, derived: dict[str, np.ndarray], index: pd.Index) -> pd.DataFrame:
         """Model-input frame (feature order of :attr:`names`) from ``derive``'s columns."""
@@ -119,6 +169,17 @@ class FeatureSet:
         if cases is not None and len(cases):
             state.ingest_cases(cases)
         return state
+
+
+def _narrow(values: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A float64 aggregate as float32 when that is exact (counts, flags), else an own float64 copy (so the spec's
+    whole output block can be freed); ``(array, narrowed)``."""
+    if values.dtype != np.float64:
+        return values, False
+    small = values.astype(np.float32)
+    if np.array_equal(small, values, equal_nan=True):
+        return small, True
+    return np.array(values, copy=True), False
 
 
 def _empty_cases(cases: pd.DataFrame | None) -> pd.DataFrame:

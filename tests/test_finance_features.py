@@ -169,6 +169,26 @@ def test_online_matches_batch_event_by_event(data, batch):
 
 # --- graph specs on hand-made graphs -------------------------------------------------------------------------
 
+def test_build_in_chunks_and_float32_equal_the_reference_build(data, batch):
+    """The memory-lean build (derive in row slices, float32 training frame) changes no value: the reference is
+    ``frame(derive(...))`` over all rows at once, and float32 features are those float64 values rounded once."""
+    from features.featureset import _empty_cases
+
+    events, cases = data
+    fs = feature_set(DELAY_DAYS)
+    prepared = fs.prepare(events)
+    sources = fs.sources(events=prepared, labels=fs.prepared_labels(events), cases=_empty_cases(cases))
+    parts = [prepared, *(spec.batch(sources, prepared) for spec in fs.specs)]
+    reference = fs.frame(fs.derive({c: p[c].to_numpy() for p in parts for c in p.columns}), events.index)
+    pd.testing.assert_frame_equal(batch, reference, check_exact=True)
+    pd.testing.assert_frame_equal(fs.build(events, cases, chunk_rows=37), reference, check_exact=True)
+    small = fs.build(events, cases, dtype=np.float32, chunk_rows=100)
+    numeric = [n for n in fs.names if n not in fs.categorical]
+    assert list(small.columns) == fs.names and (small[numeric].dtypes == np.float32).all()
+    assert np.array_equal(small[numeric].to_numpy(), reference[numeric].to_numpy().astype(np.float32), equal_nan=True)
+    pd.testing.assert_frame_equal(small[fs.categorical], reference[fs.categorical])
+
+
 def edges(rows: list[tuple[str, str, int]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["source_account", "target_account", "_t"]).astype(
         {"source_account": object, "target_account": object})

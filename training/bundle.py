@@ -148,7 +148,8 @@ class ModelBundle:
 
 
 def model_matrix(features: pd.DataFrame, feature_names: list[str], categorical: dict[str, list[str]]) -> pd.DataFrame:
-    """Model input frame: ``feature_names`` in order, categoricals with the given levels, numerics as float64.
+    """Model input frame: ``feature_names`` in order, categoricals with the given levels, numerics as float64
+    (float32 columns are kept as they are).
 
     Shared by training and :meth:`ModelBundle.matrix` so both feed LightGBM the same encoding.
     """
@@ -159,7 +160,7 @@ def model_matrix(features: pd.DataFrame, feature_names: list[str], categorical: 
     for col, levels in categorical.items():
         out[col] = pd.Categorical(out[col].astype("object"), categories=levels)
     for col in feature_names:
-        if col not in categorical:
+        if col not in categorical and out[col].dtype not in (np.float64, np.float32):
             out[col] = pd.to_numeric(out[col], errors="raise").astype(np.float64)
     return out
 

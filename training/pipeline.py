@@ -76,6 +76,10 @@ class TrainConfig:
     quiet: bool = False
     engine: str = "pandas"  # "dask": features and the full LightGBM on a Dask cluster (features.dask_engine)
     scheduler: str | None = None  # Dask scheduler address (tcp://host:8786); None: an in-process LocalCluster
+    # numeric training features: float64 = exactly the values the service computes online (no train/serve skew);
+    # "float32" halves the feature memory for very large runs (bench/train_scale.py uses it at 10^7 rows)
+    feature_dtype: str = "float64"
+    baseline_max_rows: int = 1_000_000  # logistic regression fitted on a seeded sample of at most this many rows
 
     def lgbm_config(self) -> LGBMConfig:
         return replace(self.lgbm, seed=self.seed, num_threads=self.num_threads)
@@ -190,7 +194,11 @@ def load_training_data(domain: str, data_path: str | Path, config: TrainConfig) 
     datasets = [first]
     if config.eval_path:
         datasets.append(load_dataset(domain, config.eval_path, config.label_delay_days))
-    events = pd.concat([events_of(d) for d in datasets], ignore_index=True)
+    if len(datasets) == 1:  # no concat copy: the loaded frame is ours
+        events = events_of(first)
+        events.index = pd.RangeIndex(len(events))
+    else:
+        events = pd.concat([events_of(d) for d in datasets], ignore_index=True)
     fs_id = EVENTS[domain][2]
     dup = events[fs_id].duplicated()
     if dup.any():
@@ -275,6 +283,29 @@ def make_split(data: TrainData, fs: FeatureSet, config: TrainConfig) -> Split:
 
 # ---------------------------------------------------------------------------------------------- training
 
+SCORE_CHUNK_ROWS = 500_000  # rows per predict call when scoring a window (bounds the model-matrix copies)
+
+
+def rows_of(frame: pd.DataFrame, pos: np.ndarray) -> pd.DataFrame:
+    """``frame.iloc[pos]``; a slice (no copy of the rows) when ``pos`` is a contiguous ascending run."""
+    if len(pos) and pos[-1] - pos[0] + 1 == len(pos) and (len(pos) == 1 or np.all(np.diff(pos) == 1)):
+        return frame.iloc[int(pos[0]) : int(pos[-1]) + 1]
+    return frame.iloc[pos]
+
+
+def chunked(fn, X: pd.DataFrame, rows: int = SCORE_CHUNK_ROWS) -> np.ndarray:
+    """``fn(X)`` (one value per row) computed on slices of ``rows`` rows."""
+    if len(X) <= rows:
+        return np.asarray(fn(X))
+    return np.concatenate([np.asarray(fn(X.iloc[i : i + rows])) for i in range(0, len(X), rows)])
+
+
+def baseline_sample(n: int, max_rows: int | None, seed: int) -> np.ndarray | None:
+    """Sorted positions of a seeded random sample of ``max_rows`` of ``n`` train rows (None: use them all)."""
+    if not max_rows or n <= max_rows:
+        return None
+    return np.sort(np.random.default_rng([seed, 11]).choice(n, size=max_rows, replace=False))
+
 
 def _bands(threshold: float, cal_scores: np.ndarray, capacity: float) -> dict[str, float]:
     """low / medium / high lower edges: high = threshold, medium = top ``4 x capacity`` of the calibration window."""
@@ -354,8 +385,10 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
 
         client = connect(config.scheduler)
         features = dask_engine.build(fs, data.events, data.cases, client=client)
+        numeric = [n for n in fs.names if n not in set(fs.categorical)]
+        features = features.astype(dict.fromkeys(numeric, np.dtype(config.feature_dtype)))  # as fs.build(dtype=)
     else:
-        features = fs.build(data.events, data.cases)
+        features = fs.build(data.events, data.cases, dtype=np.dtype(config.feature_dtype))
     lap("features")
     split = make_split(data, fs, config)
     y_all = _labels(data.events, fs).to_numpy(float)
@@ -364,12 +397,14 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
             raise ValueError(f"the {window} window has only one class ({len(pos)} rows): use more data or "
                              "other split fractions")
     y = {w: y_all[p] for w, p in split.windows.items()}
-    X = {w: features.iloc[p] for w, p in split.windows.items()}
+    X = {w: rows_of(features, p) for w, p in split.windows.items()}
     windows = ("calibration", *EVAL_WINDOWS)
     models: dict[str, ModelResult] = {}
 
-    baseline = fit_baseline(X["train"], y["train"], fs.categorical, seed=config.seed)
-    margins = {w: baseline.decision_function(X[w]) for w in windows}
+    sample = baseline_sample(len(y["train"]), config.baseline_max_rows, config.seed)
+    baseline = fit_baseline(X["train"] if sample is None else X["train"].iloc[sample],
+                            y["train"] if sample is None else y["train"][sample], fs.categorical, seed=config.seed)
+    margins = {w: chunked(baseline.decision_function, X[w]) for w in windows}
     models["baseline"] = _finish_model("baseline", margins, y["calibration"], data, fs, split, config, fs.names)
     lap("baseline")
 
@@ -384,20 +419,20 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
     else:
         full, search_log = random_search(X["train"], y["train"], X["validation"], y["validation"], fs.categorical,
                                          lcfg, trials=trials, seconds=config.search_seconds)
-    margins = {w: full.raw_margin(X[w]) for w in windows}
+    margins = {w: chunked(full.raw_margin, X[w]) for w in windows}
     models["full"] = _finish_model("full", margins, y["calibration"], data, fs, split, config, fs.names)
     lap("lgbm_full")
 
     raw_cols = own_columns(fs, data.events)
     raw = fit_lgbm(X["train"][raw_cols], y["train"], X["validation"][raw_cols], y["validation"], fs.categorical,
                    full.config)
-    margins = {w: raw.raw_margin(X[w][raw_cols]) for w in windows}
+    margins = {w: chunked(raw.raw_margin, X[w][raw_cols]) for w in windows}
     models["lgbm_raw"] = _finish_model("lgbm_raw", margins, y["calibration"], data, fs, split, config, raw_cols)
     models = {name: models[name] for name in MODELS}
     lap("lgbm_raw")
 
     best = models["full"]
-    train_scores = best.calibrator(full.raw_margin(X["train"]))
+    train_scores = best.calibrator(chunked(full.raw_margin, X["train"]))
     test_metrics = dict(best.metrics["test"])
     test_metrics.update(brier_report(best.margins["test"], y["test"], best.calibrator))
     bundle = ModelBundle(
@@ -405,7 +440,8 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
         booster=full.booster, calibrator=best.calibrator, threshold=best.threshold,
         bands=_bands(best.threshold, best.scores["calibration"], config.capacity), feature_set_version=fs.version,
         label_delay_days=float(fs.label_delay.total_seconds() / 86_400), metrics=test_metrics,
-        reference=reference_profile(X["train"][fs.names], train_scores, fs.categorical),
+        reference=reference_profile(X["train"] if list(X["train"].columns) == fs.names else X["train"][fs.names],
+                                    train_scores, fs.categorical),
         data_path=data.paths[0],
     )
     table = metric_table(models)
