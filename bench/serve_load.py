@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,18 +33,13 @@ import httpx
 import pandas as pd
 
 from bench.common import api_items, dataset, events_and_cases, machine, percentiles, write_json
+from serving import local_server
 
 REPO = Path(__file__).resolve().parents[1]
 ROUTE = {"customs": "/score_shipments", "finance": "/score_transactions"}
 ROLE = {"customs": "customs", "finance": "financial"}
 TIME_COL = {"customs": "date", "finance": "timestamp"}
 ID_COL = {"customs": "declaration_id", "finance": "transaction_id"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def new_events(domain: str, events: pd.DataFrame, n: int, label_col: str) -> pd.DataFrame:
@@ -103,26 +97,15 @@ def start_server(root: Path, data: dict[str, Path], rounds: int | None) -> tuple
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-    port = _free_port()
+    port = local_server.free_port()
     log = root / "server.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:RiskScore", "--host",
-                                 "127.0.0.1", "--port", str(port)], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+    proc = local_server.launch(env, log, port, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.terminate()
-            raise RuntimeError("server not ready after 300s")
-        time.sleep(0.5)
+    try:
+        local_server.wait_ready(url, proc, log, timeout=300)
+    except local_server.ServerStartError:
+        local_server.stop(proc)
+        raise
     return Running(url, keys, proc, log), bundles
 
 
@@ -283,11 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"-> HTTP/raw {res['batch_ratio_http_vs_raw']:.2f}",
                       flush=True)
         finally:
-            server.proc.terminate()
-            try:
-                server.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.proc.kill()
+            local_server.stop(server.proc)
     write_json(args.json, results)
     return 0
 

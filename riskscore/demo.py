@@ -10,27 +10,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import click
 import pandas as pd
 
 from riskscore import config
+from serving import local_server
 
-SERVICE = "serving.service:RiskScore"
 READY_TIMEOUT_S = 180.0
 SCORE_ROUTES = {"customs": ("/score_shipments", "customs"), "finance": ("/score_transactions", "financial")}
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def sample_items(domain: str, data_dir: Path, n_normal: int = 1, n_suspicious: int = 1) -> list[dict]:
@@ -72,35 +62,14 @@ def demo_keys(home: Path) -> dict[str, str]:
 
 
 def start_server(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
-    """``bentoml serve`` the service on 127.0.0.1:port, output to ``log_path``; wait (bounded) until ready."""
-    import httpx
-
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1",
-                                 "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise click.ClickException(f"the server exited with code {proc.returncode}; log {log_path}:\n{tail}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            stop_server(proc)
-            raise click.ClickException(f"the server was not ready after {READY_TIMEOUT_S:.0f}s; see {log_path}")
-        time.sleep(0.5)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
+    """The service on 127.0.0.1:port (log in ``log_path``), ready; a one-line error if it does not come up."""
+    proc = local_server.launch(env, log_path, port)
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
+        local_server.wait_ready(f"http://127.0.0.1:{port}", proc, log_path, READY_TIMEOUT_S)
+    except local_server.ServerStartError as err:
+        local_server.stop(proc)
+        raise click.ClickException(f"{str(err).splitlines()[0]}; see {log_path}") from None
+    return proc
 
 
 def show_score(domain: str, body: dict) -> None:
@@ -148,7 +117,7 @@ def demo_cmd(customs_rows: int, finance_rows: int, seed: int, port: int, keep_se
 
     click.secho("\n== 3/4 serve the champions with BentoML", bold=True)
     keys = demo_keys(home)
-    port = port or free_port()
+    port = port or local_server.free_port()
     env = {**os.environ, "RISKSCORE_HOME": str(home), "MLFLOW_TRACKING_URI": config.tracking_uri(),
            "RISKSCORE_DOMAINS": "customs,finance", "PYTHONUNBUFFERED": "1",
            "RISKSCORE_API_KEYS": ",".join(f"{role}:demo:{_sha(key)}" for role, key in keys.items())}
@@ -177,7 +146,7 @@ def demo_cmd(customs_rows: int, finance_rows: int, seed: int, port: int, keep_se
             with contextlib.suppress(KeyboardInterrupt):
                 proc.wait()
     finally:
-        stop_server(proc)
+        local_server.stop(proc)
 
 
 def _sha(key: str) -> str:

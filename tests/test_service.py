@@ -10,10 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving import auth
+from serving import auth, local_server
 from serving.models import ScoreResponse
 
 
@@ -43,9 +41,7 @@ ROLES_AGENCY_B = ("customs", "reviewer")
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return local_server.free_port()
 
 
 def _train(domain: str, data_dir: Path, seed: int) -> str:
@@ -116,36 +112,20 @@ def server(tmp_path_factory) -> Server:
         wait_ready(srv.url, proc, log)
         yield srv
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        local_server.stop(proc)
 
 
 def launch(env: dict[str, str], log: Path, port: int) -> subprocess.Popen:
-    """Start ``bentoml serve serving.service:RiskScore`` on 127.0.0.1:``port``, output appended to ``log``."""
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "serving.service:RiskScore", "--host", "127.0.0.1",
-             "--port", str(port)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    """Start the service on 127.0.0.1:``port`` from the repository root, output appended to ``log``."""
+    return local_server.launch(env, log, port, cwd=REPO)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = READY_TIMEOUT_S) -> None:
     """Poll ``/readyz`` until 200; fail the test if the server exits or is not ready in time."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"server not ready after {timeout}s:\n{log.read_text()[-4000:]}")
-        time.sleep(0.5)
+    try:
+        local_server.wait_ready(url, proc, log, timeout)
+    except local_server.ServerStartError as err:
+        pytest.fail(str(err))
 
 
 @functools.cache
