@@ -6,7 +6,7 @@ Each case runs in its own subprocess so its peak resident memory (``ru_maxrss``)
   10^5 rows (``--huge`` adds finance 10^7; not run by default);
 * ``online``: the online state seeded with ``--history`` prior finance transactions (default 10^6), then the
   per-item feature cost of new transactions, one at a time: the serving path
-  (:func:`serving.scorer.feature_columns_in_time_order`: features + ingest), ``OnlineFeatures.features``
+  (:func:`serving.fast_path.feature_columns_in_time_order`: features + ingest), ``OnlineFeatures.features``
   alone (pandas per call), and the previous serving step (``features`` + ``ingest`` per item).
 
     python -m bench.feature_build [--cases build,online] [--huge] [--history 1000000] [--json out.json]
@@ -62,7 +62,7 @@ def child_online(history: int, items: int, work: Path) -> dict:
     from features.datasets import load_dataset
     from features.domains import events_of, feature_set
     from features.synthetic import generate
-    from serving.scorer import feature_columns_in_time_order
+    from serving.fast_path import feature_columns_in_time_order
 
     path = generate("finance", history + items, seed=2, out_dir=work / f"online-{history}", positive_rate=0.08,
                     progress=False)

@@ -1,7 +1,7 @@
 """Quick regression guard (seconds): in-process scoring vs the raw LightGBM ceiling, measured in the same run.
 
 For each domain: small synthetic data, a small LightGBM bundle, the online state seeded with all but the last
-``--items`` events, then the serving path (:func:`serving.scorer.features_in_time_order` + ``explain``) on those
+``--items`` events, then the serving path (:func:`serving.fast_path.features_in_time_order` + ``explain``) on those
 items as one batch and one by one, next to raw ``booster.predict`` + ``predict(pred_contrib=True)`` on the same
 feature matrix. It also checks correctness: the served features equal the batch feature build (training
 semantics) and the explanations equal ``ModelBundle.explain``.
@@ -52,7 +52,7 @@ def _best(fn, repeats: int) -> float:
 
 def run_domain(domain: str, items: int, work: Path, repeats: int = 3) -> dict:
     from features.domains import feature_set
-    from serving.scorer import (
+    from serving.fast_path import (
         contrib_threads,
         explain,
         feature_columns_in_time_order,

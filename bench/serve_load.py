@@ -4,17 +4,21 @@ Trains both domains on synthetic data into a throw-away MLflow registry, starts
 ``python -m bentoml serve serving.service:RiskScore`` on a free 127.0.0.1 port (temporary home, audit store and
 keys; rate limit off), then:
 
-* single-item scoring: ``--users`` threads, each with its own HTTP client, post one item per request for
-  ``--duration`` seconds (bounded by ``--max-requests``) -> p50/p90/p99 latency and requests/s;
+* single-item scoring: 1 user, ``--users`` users back to back (saturation: latency is queueing), and
+  ``--users`` users each waiting ``--think-ms`` between requests (moderate load) post one item per request for
+  ``--duration`` seconds -> p50/p90/p99 latency and requests/s. The users are ``wrk`` connections when
+  ``wrk`` is installed (:mod:`bench.wrk_load`; a C client whose CPU does not compete with the server's like a
+  Python client's), else Python threads with httpx (bounded by ``--max-requests``); ``--client`` chooses;
 * batch scoring: ``--batches`` requests of ``--batch-size`` items (with explanations) -> items/s;
-* the same items in-process: the serving path (:func:`serving.scorer.feature_columns_in_time_order` +
-  :func:`serving.scorer.explain`) and raw ``booster.predict`` + ``predict(pred_contrib=True)`` on the same
+* the same items in-process: the serving path (:func:`serving.fast_path.feature_columns_in_time_order` +
+  :func:`serving.fast_path.explain`) and raw ``booster.predict`` + ``predict(pred_contrib=True)`` on the same
   feature matrix (the ceiling), reported as ratios.
 
 Items are the latest events of the training data with fresh ids, moved after the end of the history.
 
-    python -m bench.serve_load [--customs-rows 10000] [--finance-rows 20000] [--users 4] [--duration 20]
-                               [--batch-size 1000] [--batches 3] [--compare-old] [--json out.json]
+    python -m bench.serve_load [--customs-rows 10000] [--finance-rows 20000] [--users 4] [--think-ms 30]
+                               [--duration 20] [--batch-size 1000] [--batches 3] [--client auto|wrk|python]
+                               [--compare-old] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 
+from bench import wrk_load
 from bench.common import api_items, dataset, events_and_cases, machine, percentiles, write_json
 from serving import local_server
 
@@ -110,8 +115,9 @@ def start_server(root: Path, data: dict[str, Path], rounds: int | None) -> tuple
 
 
 def single_load(server: Running, domain: str, pool: list[dict], users: int, duration: float,
-                max_requests: int) -> dict:
-    """``users`` threads posting one item per request until ``duration`` s or ``max_requests`` in total."""
+                max_requests: int, think_ms: float = 0.0) -> dict:
+    """``users`` threads posting one item per request until ``duration`` s or ``max_requests`` in total, each
+    waiting ``think_ms`` between a reply and its next request."""
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -132,6 +138,8 @@ def single_load(server: Running, domain: str, pool: list[dict], users: int, dura
                 with lock:
                     (latencies if r.status_code == 200 else errors).append(elapsed if r.status_code == 200 else
                                                                           f"{r.status_code} {r.text[:200]}")
+                if think_ms > 0:
+                    time.sleep(think_ms / 1000)
 
     with httpx.Client(base_url=server.url, timeout=60) as warm:  # warm-up, not measured
         for i in range(5):
@@ -144,7 +152,8 @@ def single_load(server: Running, domain: str, pool: list[dict], users: int, dura
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
-    out = {"users": users, **percentiles(latencies), "requests_per_s": len(latencies) / wall, "errors": len(errors)}
+    out = {"users": users, "think_ms": think_ms, "client": "python", **percentiles(latencies),
+           "requests_per_s": len(latencies) / wall, "errors": len(errors)}
     if errors:
         out["first_error"] = errors[0]
     return out
@@ -168,7 +177,7 @@ def batch_load(server: Running, domain: str, batches: list[list[dict]]) -> dict:
 def in_process(domain: str, bundle, events: pd.DataFrame, cases, frame: pd.DataFrame, compare_old: bool) -> dict:
     """Serving path in-process and raw LightGBM on the same matrix (best of 3)."""
     from features.domains import feature_set
-    from serving.scorer import contrib_threads, explain, feature_columns_in_time_order, model_array
+    from serving.fast_path import contrib_threads, explain, feature_columns_in_time_order, model_array
 
     fs = feature_set(domain, bundle.label_delay_days)
     seeded = fs.online(events, cases)
@@ -224,7 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="cap LightGBM boosting rounds (default: training's)")
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of single-item load per domain")
+    parser.add_argument("--think-ms", type=float, default=30.0,
+                        help="moderate load: --users users each waiting this long between a reply and the next request")
     parser.add_argument("--max-requests", type=int, default=5_000)
+    parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto",
+                        help="single-item load generator: wrk (C, Debian package) or Python threads with httpx; "
+                             "auto = wrk when installed")
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--compare-old", action="store_true", help="also time the previous in-process path")
@@ -232,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     rows = {"customs": args.customs_rows, "finance": args.finance_rows}
+    use_wrk = args.client == "wrk" or (args.client == "auto" and wrk_load.available())
+    if args.client == "wrk" and not wrk_load.available():
+        parser.error("--client wrk: wrk is not installed (apt-get install wrk)")
     with tempfile.TemporaryDirectory(prefix="riskscore-load-") as tmp:
         root = Path(tmp)
         work = args.work or root
@@ -246,8 +263,15 @@ def main(argv: list[str] | None = None) -> int:
                 items = api_items(domain, pool)
                 res = {"history_events": len(events), "trees": bundles[domain].booster.num_trees()}
                 res["in_process"] = in_process(domain, bundles[domain], events, cases, pool, args.compare_old)
-                res["single_1_user"] = single_load(server, domain, items, 1, args.duration, args.max_requests)
-                res["single"] = single_load(server, domain, items, args.users, args.duration, args.max_requests)
+                loads = (("single_1_user", 1, 0.0), ("single", args.users, 0.0),
+                         ("single_paced", args.users, args.think_ms))
+                for key, users, think in loads:
+                    if use_wrk:
+                        res[key] = wrk_load.run(server.url, ROUTE[domain], server.keys[ROLE[domain]], items,
+                                                ID_COL[domain], users, args.duration, think_ms=think)
+                    else:
+                        res[key] = single_load(server, domain, items, users, args.duration, args.max_requests,
+                                               think_ms=think)
                 batches = []
                 for b in range(args.batches):  # each batch later than the previous one, fresh ids
                     shifted = new_events(domain, pd.concat([events, pool]), args.batch_size, label) if b else pool
@@ -256,8 +280,10 @@ def main(argv: list[str] | None = None) -> int:
                 res["batch"] = batch_load(server, domain, batches)
                 res["batch_ratio_http_vs_raw"] = res["batch"]["items_per_s"] / res["in_process"]["raw_items_per_s"]
                 results["domains"][domain] = res
-                one = res["single_1_user"]
+                one, paced = res["single_1_user"], res["single_paced"]
                 print(f"{domain}: single, 1 user: p50 {one['p50_ms']:.1f} ms p99 {one['p99_ms']:.1f} ms; "
+                      f"{args.users} users with {args.think_ms:g} ms think time: p50 {paced['p50_ms']:.1f} ms "
+                      f"p99 {paced['p99_ms']:.1f} ms ({paced['requests_per_s']:.0f} req/s); "
                       f"{args.users} users: p50 {res['single']['p50_ms']:.1f} ms p99 {res['single']['p99_ms']:.1f} ms "
                       f"({res['single']['requests_per_s']:.0f} req/s, {res['single']['errors']} errors); "
                       f"batch {res['batch']['items_per_s']:.0f} items/s over HTTP, "

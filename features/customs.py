@@ -17,8 +17,8 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from features.engine import Agg, Distinct, to_seconds
-from features.featureset import T_COL, FeatureDef, FeatureSet
+from features.engine import Agg, Distinct, float_values, text_values, to_seconds
+from features.featureset import T_COL, Columns, FeatureDef, FeatureSet
 
 DAY = 86_400
 DAYS_30 = pd.Timedelta(days=30)
@@ -36,22 +36,16 @@ CATEGORICAL = (
 )
 
 
-def _text(values: pd.Series) -> np.ndarray:
-    """Object array of strings with None for missing values."""
-    arr = values.to_numpy(dtype=object, na_value=None)
-    return arr
-
-
-def prepare(decl: pd.DataFrame) -> pd.DataFrame:
-    """Row-wise columns of a declaration (no history needed)."""
+def prepare_columns(decl: Columns) -> dict[str, np.ndarray]:
+    """Row-wise columns of declarations (no history needed), from a frame or plain column arrays."""
     out: dict[str, np.ndarray] = {}
     for col in (*CATEGORICAL[:-1], "declarant_id", "importer_id", "seller_id", "courier_id", "hs6"):
-        out[col] = _text(decl[col])
+        out[col] = text_values(decl[col])
     out["hs2"] = np.array([h[:2] if h else None for h in out["hs6"]], dtype=object)
     out["hs4"] = np.array([h[:4] if h else None for h in out["hs6"]], dtype=object)
-    price = decl["item_price"].to_numpy(np.float64)
-    mass = decl["net_mass"].to_numpy(np.float64)
-    out["tax_rate"] = decl["tax_rate"].to_numpy(np.float64)
+    price = float_values(decl["item_price"])
+    mass = float_values(decl["net_mass"])
+    out["tax_rate"] = float_values(decl["tax_rate"])
     out["log_price"] = np.log1p(price)
     out["log_mass"] = np.log1p(mass)
     out["log_unit_price"] = out["log_price"] - out["log_mass"]
@@ -61,10 +55,10 @@ def prepare(decl: pd.DataFrame) -> pd.DataFrame:
     out["has_seller"] = np.array([v is not None for v in out["seller_id"]], dtype=np.float64)
     t = to_seconds(decl["date"])
     out["weekday"] = ((t // DAY + 3) % 7).astype(np.float64)
-    out["fraud"] = decl["fraud"].to_numpy(np.float64, na_value=np.nan) if "fraud" in decl else np.full(len(t), np.nan)
+    out["fraud"] = float_values(decl["fraud"]) if "fraud" in decl else np.full(len(t), np.nan)
     out["all"] = np.full(len(t), "all", dtype=object)
     out[T_COL] = t
-    return pd.DataFrame(out, index=decl.index)
+    return out
 
 
 def sources(events=None, labels=None, cases=None) -> dict[str, pd.DataFrame]:
@@ -260,6 +254,7 @@ def feature_set(label_delay_days: float = 0.0) -> FeatureSet:
     return FeatureSet(
         domain="customs", id_col="declaration_id", time_col="date", label_col="fraud",
         entity_cols=("importer_id", "declarant_id", "seller_id"),
-        prepare=prepare, sources=sources, specs=SPECS, derive=derive, features=FEATURES, version="customs-2",
+        prepare_columns=prepare_columns, sources=sources, specs=SPECS, derive=derive, features=FEATURES,
+        version="customs-2",
         label_delay=pd.Timedelta(days=label_delay_days),
     )

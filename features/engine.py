@@ -25,6 +25,20 @@ import pandas as pd
 _SPAN = np.int64(1) << np.int64(31)  # > 68 years of seconds: room for any key's time offsets
 
 
+def text_values(values) -> np.ndarray:
+    """Object array of strings with None for missing values, from a pandas column or plain values."""
+    if isinstance(values, pd.Series | pd.Index | pd.api.extensions.ExtensionArray):
+        return values.to_numpy(dtype=object, na_value=None)
+    return np.asarray(values, dtype=object)
+
+
+def float_values(values) -> np.ndarray:
+    """float64 array with NaN for missing values, from a pandas column or plain values."""
+    if isinstance(values, pd.Series | pd.Index | pd.api.extensions.ExtensionArray):
+        return values.to_numpy(np.float64, na_value=np.nan)
+    return np.asarray(values, dtype=np.float64)
+
+
 def to_seconds(ts: pd.Series | pd.DatetimeIndex | np.ndarray) -> np.ndarray:
     """Datetimes -> int64 seconds since the epoch."""
     values = np.asarray(ts, dtype="datetime64[ns]").astype("datetime64[s]")
@@ -126,6 +140,10 @@ def _missing(value) -> bool:
     return isinstance(value, float) and value != value
 
 
+def _has_missing(key: tuple) -> bool:
+    return any(_missing(k) for k in key)
+
+
 def _window_sums(
     skey: np.ndarray, sts: np.ndarray, svals: np.ndarray, qkey: np.ndarray, qts: np.ndarray,
     window: int | None, t0: int,
@@ -204,13 +222,18 @@ class _KeySeries:
             cum = np.zeros((cap + 1, len(vals)))
             cum[: self.n + 1] = self.cum[: self.n + 1] if self.cum.shape[1] == len(vals) else 0.0
             self.ts, self.cum = ts, cum
-        pos = int(np.searchsorted(self.ts[: self.n], t, side="right"))
-        if pos < self.n:  # out-of-order arrival: shift later rows right
-            self.ts[pos + 1 : self.n + 1] = self.ts[pos : self.n]
-            self.cum[pos + 2 : self.n + 2] = self.cum[pos + 1 : self.n + 1] + vals
+        n = self.n
+        if n == 0 or t >= self.ts[n - 1]:  # in time order: append
+            pos = n
+        else:  # out-of-order arrival: shift later rows right
+            pos = int(self.ts[:n].searchsorted(t, side="right"))
+            self.ts[pos + 1 : n + 1] = self.ts[pos:n]
+            if vals.size:
+                self.cum[pos + 2 : n + 2] = self.cum[pos + 1 : n + 1] + vals
         self.ts[pos] = t
-        self.cum[pos + 1] = self.cum[pos] + vals
-        self.n += 1
+        if vals.size:  # counts only: the cumulative sums have no columns
+            self.cum[pos + 1] = self.cum[pos] + vals
+        self.n = n + 1
 
 
 def _key_tuples(rows: pd.DataFrame, keys: tuple[str, ...]) -> list[tuple]:
@@ -259,12 +282,16 @@ class OnlineAggregate:
         keys = [columns[k] for k in self.spec.keys]
         ts = columns["_t"]
         rows = list(rows)
-        if self._width:
-            vals = np.column_stack([np.asarray(columns[v], dtype=np.float64)[rows] for v in self.spec.values])
-            if not np.isfinite(vals).all():  # the check is cheaper than nan_to_num for a few rows
-                vals = np.nan_to_num(vals, nan=0.0)
+        if not self._width:
+            for i in rows:
+                self.add(tuple(k[i] for k in keys), int(ts[i]), _NO_VALUES)
+            return
+        if len(rows) == 1:  # one item (single scoring): plain indexing beats fancy-indexed column stacks
+            vals = np.array([[columns[v][rows[0]] for v in self.spec.values]], dtype=np.float64)
         else:
-            vals = np.zeros((len(rows), 0))
+            vals = np.column_stack([np.asarray(columns[v], dtype=np.float64)[rows] for v in self.spec.values])
+        if not np.isfinite(vals).all():  # the check is cheaper than nan_to_num for a few rows
+            vals = np.nan_to_num(vals, nan=0.0)
         for i, v in zip(rows, vals, strict=True):
             self.add(tuple(k[i] for k in keys), int(ts[i]), v)
 
@@ -286,18 +313,18 @@ class OnlineAggregate:
             self._series[key] = _KeySeries(ts=ts[s:e].copy(), cum=cum[s + j : e + j + 1].copy(), n=e - s)
 
     def add(self, key: tuple, t: int, vals: np.ndarray) -> None:
-        """Add one source row."""
-        if any(_missing(k) for k in key):
-            return
+        """Add one source row (rows with a missing key part are not counted, so no stored key has one)."""
         series = self._series.get(key)
         if series is None:
+            if _has_missing(key):
+                return
             series = self._series[key] = _KeySeries(cum=np.zeros((1, self._width)))
         series.add(t, vals)
 
     def query(self, key: tuple, t: int) -> list[float]:
         """Feature values for one query row with key ``key`` at time ``t`` (same order as columns())."""
         spec = self.spec
-        series = None if any(_missing(k) for k in key) else self._series.get(key)
+        series = self._series.get(key)  # a key with a missing part is never stored: no match
         extra = 2 if spec.recency else 0
         if series is None or series.n == 0:
             return [0.0] * (1 + self._width) + [np.nan] * extra
@@ -337,10 +364,10 @@ class OnlineDistinct:
 
     def add(self, key: tuple, other, t: int) -> None:
         """Add one source row: ``other`` seen with ``key`` at ``t``."""
-        if _missing(other) or any(_missing(k) for k in key):
-            return
         pair = (*key, other)
         prev = self._first.get(pair)
+        if prev is None and (_missing(other) or _has_missing(key)):  # never stored, so only new pairs are checked
+            return
         if prev is None or t < prev:
             self._first[pair] = t
             if prev is not None:  # an earlier first sighting arrived late: move it

@@ -2,7 +2,8 @@
 
 A :class:`FeatureSet` is the single definition of a domain's features:
 
-* ``prepare(events)``: row-wise columns computed from an event alone (log amount, HS chapter...);
+* ``prepare_columns(events)``: row-wise columns computed from an event alone (log amount, HS chapter...), from
+  a frame or from plain column arrays (the serving path: no pandas per request); ``prepare`` gives them as a frame;
 * ``sources(events, labels, cases)``: the time-stamped tables that specs aggregate over, built by
   row-wise transforms only, so the online path can build them from increments;
 * ``specs``: point-in-time aggregates (see :mod:`features.engine`, :mod:`features.graph`);
@@ -15,7 +16,7 @@ and answers single events in ``O(log n)``. ``tests/test_feature_parity.py`` prov
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,6 +26,8 @@ import pandas as pd
 from features.engine import to_seconds
 
 T_COL = "_t"
+# Event columns by name: a frame, or plain arrays / lists (strings with None for missing, datetimes, floats)
+Columns = pd.DataFrame | Mapping[str, "np.ndarray | pd.Series | list"]
 BUILD_CHUNK_ROWS = 500_000  # rows per derive() call in FeatureSet.build
 
 
@@ -66,13 +69,17 @@ class FeatureSet:
     time_col: str
     label_col: str
     entity_cols: tuple[str, ...]
-    prepare: Callable[[pd.DataFrame], pd.DataFrame]
+    prepare_columns: Callable[[Columns], dict[str, np.ndarray]]
     sources: Callable[..., dict[str, pd.DataFrame]]
     specs: list[SpecLike]
     derive: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
     features: list[FeatureDef]
     version: str = "1"
     label_delay: pd.Timedelta = field(default_factory=lambda: pd.Timedelta(0))
+
+    def prepare(self, events: pd.DataFrame) -> pd.DataFrame:
+        """Row-wise columns of ``events`` (:attr:`prepare_columns`) as a frame with the events' index."""
+        return pd.DataFrame(self.prepare_columns(events), index=events.index)
 
     @property
     def names(self) -> list[str]:

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from features.engine import Agg, Distinct, to_seconds
-from features.featureset import T_COL, FeatureDef, FeatureSet
+from features.engine import Agg, Distinct, float_values, text_values, to_seconds
+from features.featureset import T_COL, Columns, FeatureDef, FeatureSet
 from features.graph import ConfirmedLinks, Cycle
 
 HOUR, DAY = 3_600, 86_400
@@ -30,17 +30,12 @@ CATEGORICAL = ("currency", "channel", "source_country", "target_country")
 ROW = ("log_amount", "below_threshold", "round_100", "round_1000", "cross_border", "self_transfer", "hour", "weekday")
 
 
-def _text(values: pd.Series) -> np.ndarray:
-    """Object array of strings with None for missing values."""
-    return values.to_numpy(dtype=object, na_value=None)
-
-
-def prepare(tx: pd.DataFrame) -> pd.DataFrame:
-    """Row-wise columns of a transfer (no history needed)."""
+def prepare_columns(tx: Columns) -> dict[str, np.ndarray]:
+    """Row-wise columns of transfers (no history needed), from a frame or plain column arrays."""
     out: dict[str, np.ndarray] = {}
     for col in (SRC, DST, *CATEGORICAL):
-        out[col] = _text(tx[col])
-    amount = tx["amount"].to_numpy(np.float64)
+        out[col] = text_values(tx[col])
+    amount = float_values(tx["amount"])
     cents = np.round(amount * 100.0)
     out["amount"] = amount
     out["log_amount"] = np.log1p(amount)
@@ -52,11 +47,10 @@ def prepare(tx: pd.DataFrame) -> pd.DataFrame:
     t = to_seconds(tx["timestamp"])
     out["hour"] = ((t % DAY) // HOUR).astype(np.float64)
     out["weekday"] = ((t // DAY + 3) % 7).astype(np.float64)  # 1970-01-01 was a Thursday
-    label = tx["is_laundering"].to_numpy(np.float64, na_value=np.nan) if "is_laundering" in tx else None
-    out["is_laundering"] = label if label is not None else np.full(len(t), np.nan)
+    out["is_laundering"] = float_values(tx["is_laundering"]) if "is_laundering" in tx else np.full(len(t), np.nan)
     out["all"] = np.full(len(t), "all", dtype=object)
     out[T_COL] = t
-    return pd.DataFrame(out, index=tx.index)
+    return out
 
 
 def sources(events=None, labels=None, cases=None) -> dict[str, pd.DataFrame]:
@@ -257,6 +251,7 @@ def feature_set(label_delay_days: float = 30.0) -> FeatureSet:
     return FeatureSet(
         domain="finance", id_col="transaction_id", time_col="timestamp", label_col="is_laundering",
         entity_cols=(SRC, DST),
-        prepare=prepare, sources=sources, specs=SPECS, derive=derive, features=FEATURES, version="finance-1",
+        prepare_columns=prepare_columns, sources=sources, specs=SPECS, derive=derive, features=FEATURES,
+        version="finance-1",
         label_delay=pd.Timedelta(days=label_delay_days),
     )

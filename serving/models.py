@@ -13,6 +13,7 @@ import os
 import re
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -24,7 +25,7 @@ from pydantic import (
     ValidationError,
 )
 
-from features.schemas import COUNTRY_PATTERN, HS6_PATTERN
+from features.schemas import COUNTRY_PATTERN, HS6_PATTERN, TABLES
 
 DEFAULT_MAX_ITEMS = 1000
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
@@ -214,6 +215,26 @@ class ScoreResponse(BaseModel):
 
 
 BATCHES: dict[str, type[BaseModel]] = {"customs": ShipmentBatch, "finance": TransferBatch}
+
+
+def item_columns(domain: str, items: list[BaseModel]) -> dict[str, np.ndarray]:
+    """Validated items as contract columns (the ``features.schemas`` event table without labels) in plain
+    arrays: strings as objects with None for missing, times as ``datetime64[ns]`` (naive UTC), numbers as
+    float64. What the feature set's ``prepare_columns`` reads, without building a pandas frame per request."""
+    table = "declarations" if domain == "customs" else "transactions"
+    label = "fraud" if domain == "customs" else "is_laundering"
+    out: dict[str, np.ndarray] = {}
+    for col in TABLES[table]:
+        if not col.required or col.name == label:
+            continue
+        values = [getattr(item, col.name) for item in items]
+        if col.kind == "datetime":
+            out[col.name] = np.array(values, dtype="datetime64[ns]")
+        elif col.kind == "str":
+            out[col.name] = np.array(values, dtype=object)
+        else:
+            out[col.name] = np.array(values, dtype=np.float64)
+    return out
 
 
 def location(loc: tuple[int | str, ...]) -> str:

@@ -15,6 +15,7 @@ whatever the old one scored meanwhile, so no scored event is lost from the histo
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -30,15 +31,15 @@ import pandas as pd
 
 from features.domains import events_of
 from features.domains import feature_set as domain_feature_set
-from features.featureset import T_COL, OnlineFeatures
+from features.featureset import OnlineFeatures
 from riskscore import config
-from serving.audit import AuditStore, IdempotencyConflict, Replay, events_frame, jsonable, utcnow
+from serving.audit import AuditStore, IdempotencyConflict, Replay, jsonable, utcnow
 from serving.domains import domain_info
-from serving.models import RequestError
+from serving.fast_path import DEFAULT_TOP_N, explain, feature_columns_in_time_order, feature_records
+from serving.models import RequestError, item_columns
 
 log = logging.getLogger("riskscore.serving.scorer")
 
-DEFAULT_TOP_N = 5
 
 
 class ServingConfigError(RuntimeError):
@@ -226,8 +227,7 @@ class DomainScorer:
             if stored is not None:
                 return self._replayed(stored, digest)
         rows = [item.model_dump(mode="json") for item in items]
-        frame = events_frame(self.domain, rows)
-        feats = feature_columns_in_time_order(self.online, frame)
+        feats = feature_columns_in_time_order(self.online, item_columns(self.domain, items))
         explanations = explain(self.bundle, feats, top_n=top_n())
         feature_rows = feature_records(feats, self.fs.names)
         created = utcnow()
@@ -272,10 +272,6 @@ class DomainScorer:
                 {"loc": "header.Idempotency-Key", "msg": "reused with a different request", "type": "conflict"}])
         return ScoreResult(stored.response, replayed=True)
 
-    def _features_in_time_order(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Features of each distinct event time from the state, then ingest it (batch-training semantics)."""
-        return features_in_time_order(self.online, frame)
-
     def record_outcome(self, audit: AuditStore, score_row: dict, outcome: str, note: str | None,
                        decided_by: str, agency: str) -> dict:
         """Store a reviewer outcome and feed it to the state as a label and cases (caller holds the lock)."""
@@ -287,6 +283,30 @@ class DomainScorer:
         return {"model": {"name": self.model_name, "version": self.model_version},
                 "feature_set": self.fs.version, "history_events": self.online.events_seen,
                 "loaded_at": self.loaded_at.isoformat() + "Z"}
+
+
+BUSY = object()  # ScorerRegistry.run(blocking=False): the scorer is in use
+
+
+def freeze_heap() -> None:
+    """Keep the cyclic garbage collector away from the feature state (``gc.freeze``).
+
+    The state holds millions of long-lived objects (keys, series), and it grows with every scored event. A full
+    collection scans every tracked object that is not frozen, so it cost 100-200 ms (a p99 stall every few
+    seconds under load) and grew with the history. Here everything alive now is frozen, and after every full
+    collection the survivors are frozen too (what a full collection leaves is live), so each full collection
+    scans only what was allocated since the previous one. Frozen objects are still freed by reference counting
+    (a replaced state's objects too); only a reference cycle created before a freeze would outlive its use.
+    """
+    gc.collect()
+    gc.freeze()
+    if _freeze_after_full_collection not in gc.callbacks:
+        gc.callbacks.append(_freeze_after_full_collection)
+
+
+def _freeze_after_full_collection(phase: str, info: dict) -> None:
+    if phase == "stop" and info.get("generation") == 2:
+        gc.freeze()
 
 
 class ScorerRegistry:
@@ -308,6 +328,7 @@ class ScorerRegistry:
                 errors.append(str(err))
         if errors:
             raise ServingConfigError("cannot start the scoring service:\n  " + "\n  ".join(errors))
+        freeze_heap()
 
     def get(self, domain: str) -> DomainScorer:
         scorer = self._scorers.get(domain)
@@ -315,11 +336,16 @@ class ScorerRegistry:
             raise RequestError(404, f"domain '{domain}' is not served here (RISKSCORE_DOMAINS)")
         return scorer
 
-    def run(self, domain: str, fn):
-        """Call ``fn(scorer)`` holding the live scorer's lock (retried on the new one after a swap)."""
+    def run(self, domain: str, fn, blocking: bool = True):
+        """Call ``fn(scorer)`` holding the live scorer's lock (retried on the new one after a swap).
+
+        ``blocking=False``: return :data:`BUSY` instead of waiting when another request holds the lock.
+        """
         for _ in range(100):
             scorer = self.get(domain)
-            with scorer.lock:
+            if not scorer.lock.acquire(blocking=blocking):
+                return BUSY
+            try:
                 if scorer.retired:
                     continue
                 try:
@@ -327,6 +353,8 @@ class ScorerRegistry:
                 finally:
                     if scorer.stale:
                         threading.Thread(target=self._rebuild_stale, args=(domain,), daemon=True).start()
+            finally:
+                scorer.lock.release()
         raise RuntimeError(f"domain {domain}: scorer kept changing during the request")
 
     def _rebuild_stale(self, domain: str) -> None:
@@ -354,191 +382,9 @@ class ScorerRegistry:
                          new.model_version)
                 result[domain] = {"previous_version": old.model_version, "version": new.model_version,
                                   "changed": True}
+            if any(r["changed"] for r in result.values()):
+                freeze_heap()
         return result
 
     def status(self) -> dict[str, Any]:
         return {domain: scorer.status() for domain, scorer in self._scorers.items()}
-
-
-# -- fast paths (bench/RESULTS.md) ------------------------------------------------------------------------
-def _row_adder(spec, ex, name: str, source: pd.DataFrame, cols: dict[str, list]):
-    """``add(positions)``: ingest rows of ``source`` (plain columns ``cols``) into one executor, without pandas."""
-    from features.engine import OnlineAggregate, OnlineDistinct
-    from features.graph import OnlineConfirmedLinks, OnlineCycle, _missing
-
-    if isinstance(ex, OnlineAggregate | OnlineDistinct):
-        return lambda rows: ex.ingest_columns(cols, rows)
-    ts = cols[T_COL]
-    if isinstance(ex, OnlineCycle):
-        s_col, d_col = ex.spec.edge
-
-        def add_transfers(rows):
-            for i in rows:
-                s, d = cols[s_col][i], cols[d_col][i]
-                if not (_missing(s) or _missing(d) or s == d):
-                    ex.add(s, d, int(ts[i]))
-        return add_transfers
-    if isinstance(ex, OnlineConfirmedLinks):
-        if name == ex.spec.sources[1]:
-            def add_cases(rows):
-                for i in rows:
-                    key = cols[ex.spec.case_key][i]
-                    if cols["confirmed"][i] > 0 and not _missing(key):
-                        ex.add_case(key, int(ts[i]))
-            return add_cases
-        s_col, d_col = ex.spec.edge
-
-        def add_edges(rows):
-            for i in rows:
-                s, d = cols[s_col][i], cols[d_col][i]
-                if not (_missing(s) or _missing(d) or s == d):
-                    ex.add_edge(s, d, int(ts[i]))
-        return add_edges
-    multi = not isinstance(spec.source, str)  # unknown executor: its own (pandas) ingest
-    return lambda rows: ex.ingest(source.iloc[list(rows)], **({"source": name} if multi else {}))
-
-
-def feature_columns_in_time_order(online: OnlineFeatures, frame: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Model-input columns (``fs.names`` -> array, rows of ``frame``) of a batch, batch-training semantics.
-
-    Items are taken in time order; the items of one distinct time get their features from the state, then are
-    ingested, so a later item sees an earlier one and items of the same time do not see each other -- the same
-    result as ``online.features(group); online.ingest(group)`` per distinct time, but the row-wise work
-    (``prepare``, ``sources``, ``derive``) runs once per batch and the per-time steps touch plain Python values
-    only (no pandas per distinct time, which cost ~20-40 ms each).
-    """
-    fs = online.fs
-    if not frame.index.is_unique:
-        frame = frame.reset_index(drop=True)
-    prepared = fs.prepare(frame)
-    n = len(prepared)
-    arrays = {c: s.to_numpy() for c, s in prepared.items()}
-    sources = fs.sources(events=prepared, labels=None, cases=None)
-    plain: dict[str, list] = {}
-
-    def as_list(col: str) -> list:
-        if col not in plain:
-            plain[col] = arrays[col].tolist()
-        return plain[col]
-
-    adders = []  # (source position of each prepared row (-1 = not in the source), add function)
-    for name, source in sources.items():
-        if source is None or not len(source):
-            continue
-        if source is prepared:
-            pos = np.arange(n)
-            src_cols = {c: as_list(c) if arrays[c].dtype == object else arrays[c] for c in arrays}
-        else:
-            pos = source.index.get_indexer(prepared.index)
-            src_cols = {c: source[c].to_numpy(dtype=object).tolist() if source[c].dtype == object
-                        else source[c].to_numpy() for c in source.columns}  # keys as Python values, numbers as arrays
-        for spec, ex in zip(fs.specs, online.executors, strict=True):
-            if (spec.source == name) if isinstance(spec.source, str) else (name in spec.source):
-                adders.append((pos, _row_adder(spec, ex, name, source, src_cols)))
-    times = arrays[T_COL].astype(np.int64)
-    order = np.argsort(times, kind="stable")
-    groups = [g.tolist() for g in np.split(order, np.flatnonzero(np.diff(times[order])) + 1)] if n else []
-    t_list = times.tolist()
-    outputs = []
-    for spec, ex in zip(fs.specs, online.executors, strict=True):
-        outputs.append((spec, ex.query, [as_list(k) for k in spec.qkeys], [None] * n))
-    for group in groups:
-        for _spec, query, keys, out in outputs:
-            for i in group:
-                out[i] = query(tuple(k[i] for k in keys), t_list[i])
-        for pos, add in adders:
-            rows = [p for p in pos[group].tolist() if p >= 0]
-            if rows:
-                add(rows)
-    columns = dict(arrays)
-    for spec, _query, _keys, out in outputs:
-        values = np.array(out, dtype=np.float64).reshape(n, len(spec.columns()))
-        for j, col in enumerate(spec.columns()):
-            columns[col] = values[:, j]
-    online.events_seen += n
-    derived = fs.derive(columns)
-    return {name: np.asarray(derived[name]) for name in fs.names}
-
-
-def features_in_time_order(online: OnlineFeatures, frame: pd.DataFrame) -> pd.DataFrame:
-    """:func:`feature_columns_in_time_order` as the model-input frame (``fs.frame``), index of ``frame``."""
-    columns = feature_columns_in_time_order(online, frame)
-    return online.fs.frame(columns, frame.index)
-
-
-_LEVELS: dict[int, dict[str, dict]] = {}
-
-
-def _level_codes(bundle) -> dict[str, dict]:
-    """Categorical column -> {level: code} as LightGBM encodes them (the booster's own training categories)."""
-    key = id(bundle.booster)
-    if key not in _LEVELS:
-        cats = getattr(bundle.booster, "pandas_categorical", None)
-        cat_cols = [c for c in bundle.feature_names if c in bundle.categorical]
-        if cats is None or len(cats) != len(cat_cols):
-            cats = [bundle.categorical[c] for c in cat_cols]
-        _LEVELS[key] = {c: {lvl: i for i, lvl in enumerate(levels)} for c, levels in zip(cat_cols, cats, strict=True)}
-    return _LEVELS[key]
-
-
-def model_array(bundle, features) -> np.ndarray:
-    """The float64 matrix LightGBM builds from ``bundle.matrix(features)`` (categorical codes, NaN = unseen or
-    missing), built directly from columns (a dict of arrays or a frame): no categorical frame, no conversion
-    inside ``booster.predict``."""
-    levels = _level_codes(bundle)
-    names = bundle.feature_names
-    n = len(features[names[0]]) if names else 0
-    X = np.empty((n, len(names)), np.float64)
-    for j, col in enumerate(names):
-        values = features[col]
-        if col in levels:
-            codes = levels[col]
-            X[:, j] = [codes.get(v, np.nan) for v in np.asarray(values, dtype=object).tolist()]
-        else:
-            X[:, j] = np.asarray(values, dtype=np.float64)
-    return X
-
-
-def contrib_threads(rows: int) -> int:
-    """LightGBM threads for ``rows`` predictions: 1 for small requests (OpenMP start-up and contention cost more
-    than they save: a single-row pred_contrib takes about twice the CPU with 2 threads), all cores for batches."""
-    return 1 if rows < 64 else (os.cpu_count() or 1)
-
-
-def explain(bundle, features, top_n: int = DEFAULT_TOP_N) -> list:
-    """``bundle.explain(features, top_n)`` with the same results, from columns (dict of arrays or frame),
-    without per-row pandas access."""
-    from training.bundle import Explanation, Reason, _plain
-
-    X = model_array(bundle, features)
-    contrib = bundle.booster.predict(X, pred_contrib=True, num_threads=contrib_threads(len(X)))
-    margins = contrib.sum(axis=1)
-    scores = bundle.calibrator(margins)
-    names = bundle.feature_names
-    labels = [bundle.feature_labels.get(n, n) for n in names]
-    values: dict[int, list] = {}
-    out = []
-    for i in range(len(X)):
-        row = contrib[i, :-1]
-        reasons = []
-        for j in np.argsort(-np.abs(row))[:top_n].tolist():
-            if row[j] == 0.0:
-                continue
-            if j not in values:
-                values[j] = np.asarray(features[names[j]]).tolist()
-            c = float(row[j])
-            reasons.append(Reason(feature=names[j], label=labels[j], value=_plain(values[j][i]), contribution=c,
-                                  direction="raises risk" if c > 0 else "lowers risk"))
-        score = float(scores[i])
-        out.append(Explanation(
-            score=score, raw_margin=float(margins[i]), base_value=float(contrib[i, -1]),
-            flagged=score >= bundle.threshold, band=bundle.band(score), reasons=reasons,
-            contributions=dict(zip(names, row.tolist(), strict=True)),
-        ))
-    return out
-
-
-def feature_records(columns: dict[str, np.ndarray], names: list[str]) -> list[dict]:
-    """One ``{feature: plain value}`` dict per row (what ``frame.iloc[i].to_dict()`` gave, without pandas)."""
-    lists = [np.asarray(columns[n]).tolist() for n in names]
-    return [dict(zip(names, row, strict=True)) for row in zip(*lists, strict=True)]

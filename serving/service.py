@@ -3,7 +3,8 @@
 Routes live in a FastAPI app mounted on the service (path params, 401/403/404/409/413 statuses and
 header access); BentoML supplies the server, ``/healthz``, ``/livez`` and ``/metrics`` (our
 ``riskscore_*`` counters and histograms appear there too). ``/readyz`` is answered by a small ASGI
-middleware with the loaded models. Scoring is CPU work and runs in a worker thread.
+middleware with the loaded models. Scoring is CPU work: requests of a few items run on the
+event loop (no thread hand-off) when the scorer is free, larger batches in a worker thread.
 
 | route | who | body -> reply |
 |---|---|---|
@@ -41,11 +42,11 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from serving import auth
-from serving.audit import AuditStore, OutcomeExists, jsonable
+from serving.audit import AuditStore, OutcomeExists, dumps_json_bytes, jsonable
 from serving.domains import DOMAINS, domain_info
 from serving.models import OutcomeIn, RequestError, max_body_bytes, parse_batch, parse_json, parse_model
 from serving.review import app as review_app
-from serving.scorer import RequestMeta, ScorerRegistry, ServingConfigError, served_domains
+from serving.scorer import BUSY, RequestMeta, ScorerRegistry, ServingConfigError, served_domains
 from training.drift import drift_report, drift_summary
 
 log = logging.getLogger("riskscore.serving")
@@ -53,6 +54,20 @@ access_log = logging.getLogger("riskscore.serving.access")
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
 DRAIN_CAP = 32 * 1024 * 1024  # read (and discard) at most this much of an oversized body before answering 413
+
+def inline_items() -> int:
+    """Requests of at most this many items ($RISKSCORE_INLINE_ITEMS, default 8) are scored on the event loop
+    when the domain's scorer is free: a single item takes a few milliseconds, less than handing it to a
+    worker thread and back (GIL hand-offs). Larger batches run in a worker thread so the server keeps answering."""
+    return int(os.environ.get("RISKSCORE_INLINE_ITEMS", "8"))
+
+
+class FastJSONResponse(JSONResponse):
+    """JSON response encoded by orjson (a 1000-item reply holds tens of thousands of values)."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps_json_bytes(content)
+
 
 app = FastAPI(title="riskscore", version="1", docs_url=None, redoc_url=None, openapi_url=None)
 app.mount("/review", review_app)  # reviewer workspace (HTML pages), see serving/review
@@ -292,7 +307,7 @@ class RiskScore:
         self.limiter = auth.RateLimiter()
         self.reload_errors: dict[str, dict[str, str]] = {}
         self._drift_at = 0.0
-        self.audit = AuditStore()
+        self.audit = AuditStore(background_checkpoint=True)
         registry = ScorerRegistry(self.domains, self.audit)
         try:
             registry.start()
@@ -369,8 +384,14 @@ class RiskScore:
         state["items"] = len(items)
         who = RequestMeta(key_id=caller.key_id, agency=caller.agency, request_id=state["request_id"],
                      idempotency_key=idem)
-        result = await run_in_threadpool(
-            self.registry.run, domain, lambda scorer: scorer.score(items, who, body, self.audit))
+        def score(scorer):
+            return scorer.score(items, who, body, self.audit)
+
+        result = BUSY
+        if len(items) <= inline_items():  # a few milliseconds: on the event loop, no thread hand-off
+            result = self.registry.run(domain, score, blocking=False)
+        if result is BUSY:  # larger batches (or the scorer is busy): in a worker thread
+            result = await run_in_threadpool(self.registry.run, domain, score)
         headers = {}
         if result.replayed:
             state["replayed"] = True
@@ -383,7 +404,7 @@ class RiskScore:
                 m["score"].labels(domain).observe(item["score"])
                 if item["flagged"]:
                     m["flagged"].labels(domain).inc()
-        return JSONResponse(result.response, headers=headers)
+        return FastJSONResponse(result.response, headers=headers)
 
     @staticmethod
     def _check_content_type(request: Request) -> None:

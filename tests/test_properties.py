@@ -203,6 +203,34 @@ def test_hostile_valid_items_give_finite_or_missing_features(domain: str, data, 
     json.dumps(jsonable(feats.to_dict(orient="records")), allow_nan=False)  # the audit row stays plain JSON
 
 
+@pytest.mark.parametrize("domain", ["customs", "finance"])
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(data=st.data())
+def test_service_path_equals_pandas_reference(domain: str, data, online_states):
+    """The service's path (validated items -> plain columns -> :mod:`serving.fast_path`) gives the features of
+    the pandas reference: contract frame, ``OnlineFeatures.features`` per distinct time, then ``ingest``."""
+    import copy
+
+    from serving.fast_path import feature_columns_in_time_order
+    from serving.models import item_columns
+
+    fs, online = online_states[domain]
+    items = parse_batch(domain, {"items": data.draw(declarations() if domain == "customs" else transfers())})
+    frame = events_frame(domain, [i.model_dump(mode="json") for i in items])
+    reference, parts = copy.deepcopy(online), []
+    for _, group in frame.groupby(fs.time_col, sort=True):
+        parts.append(reference.features(group))
+        reference.ingest(group)
+    expected = pd.concat(parts).loc[frame.index]
+    served = feature_columns_in_time_order(copy.deepcopy(online), item_columns(domain, items))
+    for name in fs.names:
+        got, want = served[name], expected[name].to_numpy()
+        if name in fs.categorical:
+            assert list(got) == list(want), name
+        else:
+            np.testing.assert_array_equal(got.astype(np.float64), want.astype(np.float64), err_msg=name)
+
+
 # ---------------------------------------------------------------------------------------------- rate limits
 
 

@@ -671,3 +671,70 @@ def test_pip_audit_policy_fails_only_on_fixable_advisories(tmp_path, capsys):
     assert policy.main(["--report", str(report)]) == 1
     assert "FAIL (fix available): foo 1.0: PYSEC-1 (CVE-1): fixed in 1.1" in capsys.readouterr().out
     assert policy.classify({"dependencies": [fixable]}, {"CVE-1"})[2][0]["id"] == "PYSEC-1"  # ignored by alias
+
+
+def _audit_rows(request_id: str) -> tuple[dict, list[dict]]:
+    from serving.audit import utcnow
+
+    request = {"request_id": request_id, "created_at": utcnow(), "domain": "finance", "caller_key_id": "k1",
+               "agency": "FIU", "idempotency_key": None, "body_sha256": "0" * 64, "items": 1}
+    row = {"score_id": f"s-{request_id}", "request_id": request_id, "item_index": 0, "created_at": utcnow(),
+           "domain": "finance", "event_id": f"e-{request_id}", "caller_key_id": "k1", "agency": "FIU",
+           "model_name": "m", "model_version": "1", "input_json": {"amount": 1.0}, "features_json": {"f": float("nan")},
+           "score": 0.5, "band": "medium", "flagged": False, "threshold": 0.7,
+           "explanation_json": {"base_value": 0.1, "raw_margin": 0.2, "reasons": [], "contributions": {"f": 0.1}}}
+    return request, [row]
+
+
+def test_background_wal_checkpoint_moves_commits_into_the_database_file(tmp_path, monkeypatch):
+    """The service's audit store: commits only append to SQLite's log (no checkpoint stall inside a request), a
+    background thread folds the log into the database file, and close() leaves an empty log."""
+    import shutil
+
+    from serving.audit import AuditStore
+
+    monkeypatch.setenv("RISKSCORE_AUDIT_CHECKPOINT_S", "0.05")
+    db = tmp_path / "audit.db"
+    store = AuditStore(f"sqlite:///{db}", background_checkpoint=True)
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+    for i in range(5):
+        store.record_scores(*_audit_rows(f"r{i}"), response={"items": []})
+
+    def rows_in_main_file() -> int:  # a copy of the database file alone: what has been checkpointed
+        copy = tmp_path / "main-only.db"
+        shutil.copyfile(db, copy)
+        try:
+            with contextlib.closing(sqlite3.connect(copy)) as con:
+                return con.execute("SELECT count(*) FROM scores").fetchone()[0]
+        except sqlite3.OperationalError:  # not even the tables are checkpointed yet
+            return 0
+
+    deadline = time.monotonic() + 10
+    while rows_in_main_file() < 5:
+        assert time.monotonic() < deadline, "the background checkpoint never ran"
+        time.sleep(0.05)
+    stored = store.get_score("s-r3")
+    assert stored["features_json"] == {"f": None} and stored["explanation_json"]["contributions"] == {"f": 0.1}
+    store.close()
+    wal = db.with_name("audit.db-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
+
+
+def test_freeze_heap_keeps_full_collections_off_long_lived_objects():
+    """After ``freeze_heap`` every full collection freezes its survivors, so the next one does not scan them."""
+    import gc
+
+    from serving.scorer import _freeze_after_full_collection, freeze_heap
+
+    try:
+        freeze_heap()
+        before = gc.get_freeze_count()
+        assert before > 0
+        state = [[i] for i in range(20_000)]  # new long-lived objects, like keys added to the feature state
+        gc.collect()
+        assert gc.get_freeze_count() >= before + len(state)
+    finally:
+        if _freeze_after_full_collection in gc.callbacks:
+            gc.callbacks.remove(_freeze_after_full_collection)
+        gc.unfreeze()

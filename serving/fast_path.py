@@ -1,0 +1,239 @@
+"""Scoring a batch without pandas per item: online features in time order, the model matrix, explanations.
+
+The service's hot path (:meth:`serving.scorer.DomainScorer.score`); the benchmarks in ``bench/`` time it against
+raw LightGBM. Everything here gives the same values as the pandas reference (``OnlineFeatures.features`` per
+distinct time, ``ModelBundle.explain``): ``bench/quick.py`` and the tests check that parity.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from features.featureset import T_COL, Columns, OnlineFeatures
+
+DEFAULT_TOP_N = 5
+
+
+def _row_adder(spec, ex, name: str) -> Callable:
+    """``add(cols, rows, source)``: ingest rows ``rows`` of source ``name`` (plain columns ``cols``, the source
+    frame ``source`` for executors without a plain-column path) into one executor."""
+    from features.engine import OnlineAggregate, OnlineDistinct
+    from features.graph import OnlineConfirmedLinks, OnlineCycle, _missing
+
+    if isinstance(ex, OnlineAggregate | OnlineDistinct):
+        return lambda cols, rows, _source: ex.ingest_columns(cols, rows)
+    if isinstance(ex, OnlineCycle):
+        s_col, d_col = ex.spec.edge
+
+        def add_transfers(cols, rows, _source):
+            ts = cols[T_COL]
+            for i in rows:
+                s, d = cols[s_col][i], cols[d_col][i]
+                if not (_missing(s) or _missing(d) or s == d):
+                    ex.add(s, d, int(ts[i]))
+        return add_transfers
+    if isinstance(ex, OnlineConfirmedLinks):
+        if name == ex.spec.sources[1]:
+            def add_cases(cols, rows, _source):
+                ts = cols[T_COL]
+                for i in rows:
+                    key = cols[ex.spec.case_key][i]
+                    if cols["confirmed"][i] > 0 and not _missing(key):
+                        ex.add_case(key, int(ts[i]))
+            return add_cases
+        s_col, d_col = ex.spec.edge
+
+        def add_edges(cols, rows, _source):
+            ts = cols[T_COL]
+            for i in rows:
+                s, d = cols[s_col][i], cols[d_col][i]
+                if not (_missing(s) or _missing(d) or s == d):
+                    ex.add_edge(s, d, int(ts[i]))
+        return add_edges
+    multi = not isinstance(spec.source, str)  # unknown executor: its own (pandas) ingest
+    return lambda _cols, rows, source: ex.ingest(source.iloc[list(rows)], **({"source": name} if multi else {}))
+
+
+@dataclass
+class _Plan:
+    """What a batch does with one online state, worked out once per state: each spec's query (function, query
+    key columns, output columns) and each source's ingest functions."""
+
+    queries: list[tuple[Callable, tuple[str, ...], list[str]]]
+    adders: dict[str, list[Callable]]
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # OnlineFeatures -> _Plan
+
+
+def _plan(online: OnlineFeatures) -> _Plan:
+    plan = _PLANS.get(online)
+    if plan is None:
+        fs = online.fs
+        queries = [(ex.query, tuple(spec.qkeys), list(spec.columns()))
+                   for spec, ex in zip(fs.specs, online.executors, strict=True)]
+        adders: dict[str, list[Callable]] = {}
+        for spec, ex in zip(fs.specs, online.executors, strict=True):
+            for name in ((spec.source,) if isinstance(spec.source, str) else spec.source):
+                adders.setdefault(name, []).append(_row_adder(spec, ex, name))
+        plan = _PLANS[online] = _Plan(queries, adders)
+    return plan
+
+
+def feature_columns_in_time_order(online: OnlineFeatures, frame: Columns) -> dict[str, np.ndarray]:
+    """Model-input columns (``fs.names`` -> array, rows of ``frame``) of a batch, batch-training semantics.
+
+    ``frame`` is an events frame, or plain contract columns (:func:`serving.models.item_columns`, what the
+    service passes: the same values without a pandas frame per request).
+
+    Items are taken in time order; the items of one distinct time get their features from the state, then are
+    ingested, so a later item sees an earlier one and items of the same time do not see each other -- the same
+    result as ``online.features(group); online.ingest(group)`` per distinct time, but the row-wise work
+    (``prepare``, ``sources``, ``derive``) runs once per batch and the per-time steps touch plain Python values
+    only (no pandas per distinct time, which cost ~20-40 ms each).
+    """
+    fs = online.fs
+    plan = _plan(online)
+    if isinstance(frame, pd.DataFrame):
+        if not frame.index.is_unique:
+            frame = frame.reset_index(drop=True)
+        prepared = fs.prepare(frame)
+        arrays = {c: s.to_numpy() for c, s in prepared.items()}
+    else:  # plain columns (serving.models.item_columns): no pandas per request
+        prepared = arrays = fs.prepare_columns(frame)
+    n = len(arrays[T_COL])
+    plain: dict[str, list] = {}
+
+    def as_list(col: str) -> list:
+        if col not in plain:
+            plain[col] = arrays[col].tolist()
+        return plain[col]
+
+    ingest = []  # (source position of each prepared row (-1 = not in the source), columns, source, adders)
+    for name, source in fs.sources(events=prepared, labels=None, cases=None).items():
+        if source is None or not len(source) or name not in plan.adders:
+            continue
+        if source is prepared:
+            pos = np.arange(n)
+            src_cols = {c: as_list(c) if arrays[c].dtype == object or c == T_COL else arrays[c] for c in arrays}
+        else:
+            index = prepared.index if isinstance(prepared, pd.DataFrame) else pd.RangeIndex(n)
+            pos = source.index.get_indexer(index)
+            src_cols = {c: source[c].to_numpy(dtype=object).tolist() if source[c].dtype == object
+                        else source[c].to_numpy() for c in source.columns}  # keys as Python values, numbers as arrays
+        ingest.append((pos, src_cols, source, plan.adders[name]))
+    times = arrays[T_COL].astype(np.int64)
+    if n == 1:
+        groups = [[0]]
+    else:
+        order = np.argsort(times, kind="stable")
+        groups = [g.tolist() for g in np.split(order, np.flatnonzero(np.diff(times[order])) + 1)] if n else []
+    t_list = times.tolist()
+    outputs = [(query, [as_list(k) for k in qkeys], [None] * n) for query, qkeys, _cols in plan.queries]
+    for group in groups:
+        for query, keys, out in outputs:
+            for i in group:
+                out[i] = query(tuple(k[i] for k in keys), t_list[i])
+        for pos, src_cols, source, adders in ingest:
+            rows = [p for p in pos[group].tolist() if p >= 0]
+            if rows:
+                for add in adders:
+                    add(src_cols, rows, source)
+    columns = dict(arrays)
+    for (_query, _qkeys, cols), (_q, _k, out) in zip(plan.queries, outputs, strict=True):
+        values = np.array(out, dtype=np.float64).reshape(n, len(cols))
+        for j, col in enumerate(cols):
+            columns[col] = values[:, j]
+    online.events_seen += n
+    derived = fs.derive(columns)
+    return {name: np.asarray(derived[name]) for name in fs.names}
+
+
+def features_in_time_order(online: OnlineFeatures, frame: pd.DataFrame) -> pd.DataFrame:
+    """:func:`feature_columns_in_time_order` as the model-input frame (``fs.frame``), index of ``frame``."""
+    columns = feature_columns_in_time_order(online, frame)
+    return online.fs.frame(columns, frame.index)
+
+
+_LEVELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # booster -> {column: {level: code}}
+
+
+def _level_codes(bundle) -> dict[str, dict]:
+    """Categorical column -> {level: code} as LightGBM encodes them (the booster's own training categories)."""
+    key = bundle.booster
+    if key not in _LEVELS:
+        cats = getattr(bundle.booster, "pandas_categorical", None)
+        cat_cols = [c for c in bundle.feature_names if c in bundle.categorical]
+        if cats is None or len(cats) != len(cat_cols):
+            cats = [bundle.categorical[c] for c in cat_cols]
+        _LEVELS[key] = {c: {lvl: i for i, lvl in enumerate(levels)} for c, levels in zip(cat_cols, cats, strict=True)}
+    return _LEVELS[key]
+
+
+def model_array(bundle, features) -> np.ndarray:
+    """The float64 matrix LightGBM builds from ``bundle.matrix(features)`` (categorical codes, NaN = unseen or
+    missing), built directly from columns (a dict of arrays or a frame): no categorical frame, no conversion
+    inside ``booster.predict``."""
+    levels = _level_codes(bundle)
+    names = bundle.feature_names
+    n = len(features[names[0]]) if names else 0
+    X = np.empty((n, len(names)), np.float64)
+    for j, col in enumerate(names):
+        values = features[col]
+        if col in levels:
+            codes = levels[col]
+            X[:, j] = [codes.get(v, np.nan) for v in np.asarray(values, dtype=object).tolist()]
+        else:
+            X[:, j] = np.asarray(values, dtype=np.float64)
+    return X
+
+
+def contrib_threads(rows: int) -> int:
+    """LightGBM threads for ``rows`` predictions: 1 for small requests (OpenMP start-up and contention cost more
+    than they save: a single-row pred_contrib takes about twice the CPU with 2 threads), all cores for batches."""
+    return 1 if rows < 64 else (os.cpu_count() or 1)
+
+
+def explain(bundle, features, top_n: int = DEFAULT_TOP_N) -> list:
+    """``bundle.explain(features, top_n)`` with the same results, from columns (dict of arrays or frame),
+    without per-row pandas access."""
+    from training.bundle import Explanation, Reason, _plain
+
+    X = model_array(bundle, features)
+    contrib = bundle.booster.predict(X, pred_contrib=True, num_threads=contrib_threads(len(X)))
+    margins = contrib.sum(axis=1)
+    scores = bundle.calibrator(margins)
+    names = bundle.feature_names
+    labels = [bundle.feature_labels.get(n, n) for n in names]
+    values: dict[int, list] = {}
+    out = []
+    for i in range(len(X)):
+        row = contrib[i, :-1]
+        reasons = []
+        for j in np.argsort(-np.abs(row))[:top_n].tolist():
+            if row[j] == 0.0:
+                continue
+            if j not in values:
+                values[j] = np.asarray(features[names[j]]).tolist()
+            c = float(row[j])
+            reasons.append(Reason(feature=names[j], label=labels[j], value=_plain(values[j][i]), contribution=c,
+                                  direction="raises risk" if c > 0 else "lowers risk"))
+        score = float(scores[i])
+        out.append(Explanation(
+            score=score, raw_margin=float(margins[i]), base_value=float(contrib[i, -1]),
+            flagged=score >= bundle.threshold, band=bundle.band(score), reasons=reasons,
+            contributions=dict(zip(names, row.tolist(), strict=True)),
+        ))
+    return out
+
+
+def feature_records(columns: dict[str, np.ndarray], names: list[str]) -> list[dict]:
+    """One ``{feature: plain value}`` dict per row (what ``frame.iloc[i].to_dict()`` gave, without pandas)."""
+    lists = [np.asarray(columns[n]).tolist() for n in names]
+    return [dict(zip(names, row, strict=True)) for row in zip(*lists, strict=True)]
