@@ -328,8 +328,9 @@ class OnlineAggregate:
         extra = 2 if spec.recency else 0
         if series is None or series.n == 0:
             return [0.0] * (1 + self._width) + [np.nan] * extra
-        ts = series.ts[: series.n]
-        hi = int(ts.searchsorted(t, side="left"))
+        n = series.n
+        ts = series.ts[:n]
+        hi = n if ts[n - 1] < t else int(ts.searchsorted(t, side="left"))  # new events come after the history
         lo = 0 if spec.window_s is None else int(ts.searchsorted(t - spec.window_s, side="left"))
         out = [float(hi - lo)]
         if self._width:

@@ -135,11 +135,15 @@ def feature_columns_in_time_order(online: OnlineFeatures, frame: Columns) -> dic
         order = np.argsort(times, kind="stable")
         groups = [g.tolist() for g in np.split(order, np.flatnonzero(np.diff(times[order])) + 1)] if n else []
     t_list = times.tolist()
-    outputs = [(query, [as_list(k) for k in qkeys], [None] * n) for query, qkeys, _cols in plan.queries]
+    key_tuples: dict[tuple[str, ...], list[tuple]] = {}  # query key columns -> one key tuple per row
+    for _query, qkeys, _cols in plan.queries:
+        if qkeys not in key_tuples:
+            key_tuples[qkeys] = list(zip(*(as_list(k) for k in qkeys), strict=True))
+    outputs = [(query, key_tuples[qkeys], [None] * n) for query, qkeys, _cols in plan.queries]
     for group in groups:
         for query, keys, out in outputs:
             for i in group:
-                out[i] = query(tuple(k[i] for k in keys), t_list[i])
+                out[i] = query(keys[i], t_list[i])
         for pos, src_cols, source, adders in ingest:
             rows = [p for p in pos[group].tolist() if p >= 0]
             if rows:
@@ -237,3 +241,4 @@ def feature_records(columns: dict[str, np.ndarray], names: list[str]) -> list[di
     """One ``{feature: plain value}`` dict per row (what ``frame.iloc[i].to_dict()`` gave, without pandas)."""
     lists = [np.asarray(columns[n]).tolist() for n in names]
     return [dict(zip(names, row, strict=True)) for row in zip(*lists, strict=True)]
+
