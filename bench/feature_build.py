@@ -6,7 +6,8 @@ Each case runs in its own subprocess so its peak resident memory (``ru_maxrss``)
   10^5 rows (``--huge`` adds finance 10^7; not run by default);
 * ``online``: the online state seeded with ``--history`` prior finance transactions (default 10^6), then the
   per-item feature cost of new transactions, one at a time: the serving path
-  (:func:`serving.fast_path.feature_columns_in_time_order`: features + ingest), ``OnlineFeatures.features``
+  (:func:`serving.fast_path.feature_columns_in_time_order` on the item's plain columns, as the service passes
+  them: features + ingest), ``OnlineFeatures.features``
   alone (pandas per call), and the previous serving step (``features`` + ``ingest`` per item).
 
     python -m bench.feature_build [--cases build,online] [--huge] [--history 1000000] [--json out.json]
@@ -59,10 +60,13 @@ def child_build(domain: str, rows: int, work: Path) -> dict:
 def child_online(history: int, items: int, work: Path) -> dict:
     import copy
 
+    from bench.common import api_items
     from features.datasets import load_dataset
     from features.domains import events_of, feature_set
     from features.synthetic import generate
     from serving.fast_path import feature_columns_in_time_order
+    from serving.models import item_columns, parse_batch
+    from serving.scorer import freeze_heap
 
     path = generate("finance", history + items, seed=2, out_dir=work / f"online-{history}", positive_rate=0.08,
                     progress=False)
@@ -77,10 +81,15 @@ def child_online(history: int, items: int, work: Path) -> dict:
     out["seed_s"] = time.perf_counter() - started
     out["seed_rss_growth_mib"] = _rss_mib() - rss0
     twin = copy.deepcopy(state)
+    freeze_heap()  # as the service does once its state is loaded (serving.scorer.freeze_heap)
 
-    def per_item(fn, n: int) -> dict:
+    def per_item(fn, n: int, plain: bool = False) -> dict:
         times = []
-        rows = [new.iloc[i : i + 1] for i in range(n)]
+        if plain:  # what the service passes: validated items as plain contract columns (serving.models)
+            batch = parse_batch("finance", {"items": api_items("finance", new.iloc[:n])}, limit=n)
+            rows = [item_columns("finance", [item]) for item in batch]
+        else:
+            rows = [new.iloc[i : i + 1] for i in range(n)]
         cpu = time.process_time()
         for row in rows:
             started = time.perf_counter()
@@ -91,7 +100,8 @@ def child_online(history: int, items: int, work: Path) -> dict:
         return {"n": n, "mean_ms": float(a.mean()), "p50_ms": float(np.percentile(a, 50)),
                 "p99_ms": float(np.percentile(a, 99)), "cpu_ms_per_item": cpu_ms}
 
-    out["serving_features_and_ingest"] = per_item(lambda row: feature_columns_in_time_order(state, row), len(new))
+    out["serving_features_and_ingest"] = per_item(lambda row: feature_columns_in_time_order(state, row), len(new),
+                                                  plain=True)
     out["online_features_only"] = per_item(lambda row: twin.features(row), min(len(new), 300))
 
     def old(row):

@@ -141,7 +141,11 @@ def _missing(value) -> bool:
 
 
 def _has_missing(key: tuple) -> bool:
-    return any(_missing(k) for k in key)
+    """Whether any part of a composite key is missing (:func:`_missing`), without a generator per call."""
+    for k in key:  # noqa: SIM110 - a plain loop: any() over a generator costs more on this hot path
+        if k is None or k is pd.NA or (isinstance(k, float) and k != k):
+            return True
+    return False
 
 
 def _window_sums(
@@ -259,6 +263,7 @@ class OnlineAggregate:
         self.spec = spec
         self._series: dict[tuple, _KeySeries] = {}
         self._width = len(spec.values)
+        self._window_s = spec.window_s  # per query: a property computing Timedelta.total_seconds() showed up
 
     def _values(self, rows: pd.DataFrame) -> np.ndarray:
         vals = rows[list(self.spec.values)].to_numpy(np.float64) if self._width else np.zeros((len(rows), 0))
@@ -331,7 +336,8 @@ class OnlineAggregate:
         n = series.n
         ts = series.ts[:n]
         hi = n if ts[n - 1] < t else int(ts.searchsorted(t, side="left"))  # new events come after the history
-        lo = 0 if spec.window_s is None else int(ts.searchsorted(t - spec.window_s, side="left"))
+        window = self._window_s
+        lo = 0 if window is None else int(ts.searchsorted(t - window, side="left"))
         out = [float(hi - lo)]
         if self._width:
             out += (series.cum[hi] - series.cum[lo]).tolist()
