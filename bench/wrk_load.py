@@ -3,8 +3,8 @@ count in the server's latency the way a Python client's does on a 2-core machine
 
 Each request posts one item of a pool (cycled) with a fresh id; ``wrk -t1 -c<users> -d<duration>s --latency``
 keeps ``users`` connections busy (closed loop, like the Python users of :mod:`bench.serve_load`), optionally with
-a think time between a reply and the next request (moderate load). A Lua ``done`` hook prints the latency
-percentiles and the non-2xx count as one JSON line.
+an exponentially distributed think time between a reply and the next request (moderate load). A Lua ``done``
+hook prints the latency percentiles and the non-2xx count as one JSON line.
 """
 
 from __future__ import annotations
@@ -42,6 +42,12 @@ end
 """
 
 
+# Think times are exponential with the given mean (Poisson-like arrivals): fixed think times let the connections
+# fall into lockstep after one queued burst, so every cycle they arrive together and the last one waits for the others.
+DELAY = """math.randomseed(os.time())
+delay = function() return math.floor(-%g * math.log(1 - math.random())) end"""
+
+
 def available() -> bool:
     return shutil.which("wrk") is not None
 
@@ -49,14 +55,15 @@ def available() -> bool:
 def run(url: str, path: str, key: str, items: list[dict], id_col: str, users: int, duration: float,
         think_ms: float = 0.0) -> dict:
     """Latency percentiles (ms), requests/s and errors of ``users`` connections posting single items, each
-    connection waiting ``think_ms`` between a reply and its next request (wrk's ``delay`` hook)."""
+    connection waiting a random think time of mean ``think_ms`` between a reply and its next request (wrk's
+    ``delay`` hook)."""
     with tempfile.TemporaryDirectory(prefix="riskscore-wrk-") as tmp:
         bodies = Path(tmp) / "bodies.jsonl"
         bodies.write_text("".join(json.dumps({"items": [{**item, id_col: ID_MARK}]}) + "\n" for item in items))
         script = Path(tmp) / "single.lua"
         script.write_text(LUA % {"bodies": bodies, "key": key, "mark": ID_MARK, "path": path,
                                     "prefix": f"W{time.time_ns()}",
-                                    "delay": f"delay = function() return {think_ms:g} end" if think_ms > 0 else ""})
+                                    "delay": DELAY % think_ms if think_ms > 0 else ""})
         cmd = ["wrk", "-t1", f"-c{users}", f"-d{max(1, round(duration))}s", "--latency", "-s", str(script), url]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
     if proc.returncode != 0:
