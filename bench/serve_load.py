@@ -178,15 +178,19 @@ def in_process(domain: str, bundle, events: pd.DataFrame, cases, frame: pd.DataF
     """Serving path in-process and raw LightGBM on the same matrix (best of 3)."""
     from features.domains import feature_set
     from serving.fast_path import contrib_threads, explain, feature_columns_in_time_order, model_array
+    from serving.models import item_columns, parse_batch
 
     fs = feature_set(domain, bundle.label_delay_days)
     seeded = fs.online(events, cases)
+    # what the service passes: validated items as plain contract columns (serving.models.item_columns)
+    parsed = parse_batch(domain, {"items": api_items(domain, frame)}, limit=len(frame))
+    batch_cols = item_columns(domain, parsed)
     out: dict = {}
     served = []
     for _ in range(3):
         state = copy.deepcopy(seeded)
         started = time.perf_counter()
-        cols = feature_columns_in_time_order(state, frame)
+        cols = feature_columns_in_time_order(state, batch_cols)
         feats_s = time.perf_counter() - started
         explain(bundle, cols)
         served.append((time.perf_counter() - started, feats_s))
@@ -207,7 +211,7 @@ def in_process(domain: str, bundle, events: pd.DataFrame, cases, frame: pd.DataF
         bundle.booster.predict(X[i : i + 1], pred_contrib=True, num_threads=1)
         single_raw.append(time.perf_counter() - started)
         started = time.perf_counter()
-        explain(bundle, feature_columns_in_time_order(state, frame.iloc[i : i + 1]))
+        explain(bundle, feature_columns_in_time_order(state, item_columns(domain, parsed[i : i + 1])))
         single_served.append(time.perf_counter() - started)
     n = len(frame)
     out.update({"items": n, "raw_items_per_s": n / min(raw), "served_items_per_s": n / total,
