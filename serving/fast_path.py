@@ -115,12 +115,12 @@ def feature_columns_in_time_order(online: OnlineFeatures, frame: Columns) -> dic
             plain[col] = arrays[col].tolist()
         return plain[col]
 
-    ingest = []  # (source position of each prepared row (-1 = not in the source), columns, source, adders)
+    ingest = []  # (source row of each batch row (-1 = not in it; None = the same row), columns, source, adders)
     for name, source in fs.sources(events=prepared, labels=None, cases=None).items():
         if source is None or not len(source) or name not in plan.adders:
             continue
         if source is prepared:
-            pos = np.arange(n)
+            pos = None  # row i of the batch is row i of the source
             src_cols = {c: as_list(c) if arrays[c].dtype == object or c == T_COL else arrays[c] for c in arrays}
         else:
             index = prepared.index if isinstance(prepared, pd.DataFrame) else pd.RangeIndex(n)
@@ -145,7 +145,7 @@ def feature_columns_in_time_order(online: OnlineFeatures, frame: Columns) -> dic
             for i in group:
                 out[i] = query(keys[i], t_list[i])
         for pos, src_cols, source, adders in ingest:
-            rows = [p for p in pos[group].tolist() if p >= 0]
+            rows = group if pos is None else [p for p in pos[group].tolist() if p >= 0]
             if rows:
                 for add in adders:
                     add(src_cols, rows, source)
@@ -216,23 +216,25 @@ def explain(bundle, features, top_n: int = DEFAULT_TOP_N) -> list:
     names = bundle.feature_names
     labels = [bundle.feature_labels.get(n, n) for n in names]
     values: dict[int, list] = {}
+    shap = contrib[:, :-1]
+    top = np.argsort(-np.abs(shap), axis=1)[:, :top_n].tolist()  # one call for the batch, not one per row
+    rows, margins, bases, scores = shap.tolist(), margins.tolist(), contrib[:, -1].tolist(), scores.tolist()
+    threshold = bundle.threshold
     out = []
-    for i in range(len(X)):
-        row = contrib[i, :-1]
+    for i, row in enumerate(rows):
         reasons = []
-        for j in np.argsort(-np.abs(row))[:top_n].tolist():
-            if row[j] == 0.0:
+        for j in top[i]:
+            c = row[j]
+            if c == 0.0:
                 continue
             if j not in values:
                 values[j] = np.asarray(features[names[j]]).tolist()
-            c = float(row[j])
             reasons.append(Reason(feature=names[j], label=labels[j], value=_plain(values[j][i]), contribution=c,
                                   direction="raises risk" if c > 0 else "lowers risk"))
-        score = float(scores[i])
+        score = scores[i]
         out.append(Explanation(
-            score=score, raw_margin=float(margins[i]), base_value=float(contrib[i, -1]),
-            flagged=score >= bundle.threshold, band=bundle.band(score), reasons=reasons,
-            contributions=dict(zip(names, row.tolist(), strict=True)),
+            score=score, raw_margin=margins[i], base_value=bases[i], flagged=score >= threshold,
+            band=bundle.band(score), reasons=reasons, contributions=dict(zip(names, row, strict=True)),
         ))
     return out
 
