@@ -16,6 +16,7 @@ Times are integer seconds since the epoch (:func:`to_seconds`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -236,7 +237,7 @@ class _KeySeries:
                 self.cum[pos + 2 : n + 2] = self.cum[pos + 1 : n + 1] + vals
         self.ts[pos] = t
         if vals.size:  # counts only: the cumulative sums have no columns
-            self.cum[pos + 1] = self.cum[pos] + vals
+            np.add(self.cum[pos], vals, out=self.cum[pos + 1])
         self.n = n + 1
 
 
@@ -291,10 +292,14 @@ class OnlineAggregate:
             for i in rows:
                 self.add(tuple(k[i] for k in keys), int(ts[i]), _NO_VALUES)
             return
-        if len(rows) == 1:  # one item (single scoring): plain indexing beats fancy-indexed column stacks
-            vals = np.array([[columns[v][rows[0]] for v in self.spec.values]], dtype=np.float64)
-        else:
-            vals = np.column_stack([np.asarray(columns[v], dtype=np.float64)[rows] for v in self.spec.values])
+        if len(rows) == 1:  # one row (single items, most batch steps): plain Python beats numpy calls here
+            i = rows[0]
+            row = [float(columns[v][i]) for v in self.spec.values]
+            if not all(map(math.isfinite, row)):  # as np.nan_to_num(nan=0.0): NaN -> 0, +-inf -> +-max float
+                row = np.nan_to_num(np.array(row), nan=0.0).tolist()
+            self.add(tuple(k[i] for k in keys), int(ts[i]), np.array(row))
+            return
+        vals = np.column_stack([np.asarray(columns[v], dtype=np.float64)[rows] for v in self.spec.values])
         if not np.isfinite(vals).all():  # the check is cheaper than nan_to_num for a few rows
             vals = np.nan_to_num(vals, nan=0.0)
         for i, v in zip(rows, vals, strict=True):
