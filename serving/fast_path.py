@@ -29,15 +29,7 @@ def _row_adder(spec, ex, name: str) -> Callable:
     if isinstance(ex, OnlineAggregate | OnlineDistinct):
         return lambda cols, rows, _source: ex.ingest_columns(cols, rows)
     if isinstance(ex, OnlineCycle):
-        s_col, d_col = ex.spec.edge
-
-        def add_transfers(cols, rows, _source):
-            ts = cols[T_COL]
-            for i in rows:
-                s, d = cols[s_col][i], cols[d_col][i]
-                if not (_missing(s) or _missing(d) or s == d):
-                    ex.add(s, d, int(ts[i]))
-        return add_transfers
+        return _edge_adder(ex.spec.edge, ex.add)
     if isinstance(ex, OnlineConfirmedLinks):
         if name == ex.spec.sources[1]:
             def add_cases(cols, rows, _source):
@@ -47,17 +39,25 @@ def _row_adder(spec, ex, name: str) -> Callable:
                     if cols["confirmed"][i] > 0 and not _missing(key):
                         ex.add_case(key, int(ts[i]))
             return add_cases
-        s_col, d_col = ex.spec.edge
-
-        def add_edges(cols, rows, _source):
-            ts = cols[T_COL]
-            for i in rows:
-                s, d = cols[s_col][i], cols[d_col][i]
-                if not (_missing(s) or _missing(d) or s == d):
-                    ex.add_edge(s, d, int(ts[i]))
-        return add_edges
+        return _edge_adder(ex.spec.edge, ex.add_edge)
     multi = not isinstance(spec.source, str)  # unknown executor: its own (pandas) ingest
     return lambda _cols, rows, source: ex.ingest(source.iloc[list(rows)], **({"source": name} if multi else {}))
+
+
+def _edge_adder(edge: tuple[str, str], add: Callable) -> Callable:
+    """Ingest function of a graph executor: ``add(source, target, t)`` for each row's edge (no self-loops or
+    missing ends)."""
+    from features.graph import _missing
+
+    s_col, d_col = edge
+
+    def add_edges(cols, rows, _source):
+        ts = cols[T_COL]
+        for i in rows:
+            s, d = cols[s_col][i], cols[d_col][i]
+            if not (_missing(s) or _missing(d) or s == d):
+                add(s, d, int(ts[i]))
+    return add_edges
 
 
 @dataclass

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from features.schemas import COUNTRY_PATTERN, HS6_PATTERN, TABLES
+from serving.domains import domain_info
 
 DEFAULT_MAX_ITEMS = 1000
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
@@ -221,11 +222,10 @@ def item_columns(domain: str, items: list[BaseModel]) -> dict[str, np.ndarray]:
     """Validated items as contract columns (the ``features.schemas`` event table without labels) in plain
     arrays: strings as objects with None for missing, times as ``datetime64[ns]`` (naive UTC), numbers as
     float64. What the feature set's ``prepare_columns`` reads, without building a pandas frame per request."""
-    table = "declarations" if domain == "customs" else "transactions"
-    label = "fraud" if domain == "customs" else "is_laundering"
+    info = domain_info(domain)
     out: dict[str, np.ndarray] = {}
-    for col in TABLES[table]:
-        if not col.required or col.name == label:
+    for col in TABLES[info.table]:
+        if not col.required or col.name == info.label_col:
             continue
         values = [getattr(item, col.name) for item in items]
         if col.kind == "datetime":

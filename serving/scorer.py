@@ -41,7 +41,6 @@ from serving.models import RequestError, item_columns
 log = logging.getLogger("riskscore.serving.scorer")
 
 
-
 class ServingConfigError(RuntimeError):
     """The service cannot start or reload (no champion, unreadable history...)."""
 

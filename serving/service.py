@@ -55,6 +55,7 @@ access_log = logging.getLogger("riskscore.serving.access")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,128}$")
 DRAIN_CAP = 32 * 1024 * 1024  # read (and discard) at most this much of an oversized body before answering 413
 
+
 def inline_items() -> int:
     """Requests of at most this many items ($RISKSCORE_INLINE_ITEMS, default 8) are scored on the event loop
     when the domain's scorer is free: a single item takes a few milliseconds, less than handing it to a
@@ -384,6 +385,7 @@ class RiskScore:
         state["items"] = len(items)
         who = RequestMeta(key_id=caller.key_id, agency=caller.agency, request_id=state["request_id"],
                      idempotency_key=idem)
+
         def score(scorer):
             return scorer.score(items, who, body, self.audit)
 

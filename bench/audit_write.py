@@ -1,0 +1,69 @@
+"""Audit write latency: one scored item per commit, SQLite's automatic WAL checkpoints against the service's
+background checkpoints (:class:`serving.audit.WalCheckpointer`).
+
+Each commit writes a request row and a score row the size of a finance item (81 features and 81 SHAP
+contributions as JSON) into a fresh SQLite store in a temporary directory.
+
+    python -m bench.audit_write [--commits 6000] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from bench.common import machine, percentiles, write_json
+
+FEATURES = {f"feature_{i}": float(i) * 1.37 for i in range(81)}
+
+
+def _rows(request_id: str) -> tuple[dict, list[dict]]:
+    from serving.audit import utcnow
+
+    request = {"request_id": request_id, "created_at": utcnow(), "domain": "finance", "caller_key_id": "k1",
+               "agency": "FIU", "idempotency_key": None, "body_sha256": "0" * 64, "items": 1}
+    row = {"score_id": str(uuid.uuid4()), "request_id": request_id, "item_index": 0, "created_at": utcnow(),
+           "domain": "finance", "event_id": request_id, "caller_key_id": "k1", "agency": "FIU",
+           "model_name": "riskscore-finance", "model_version": "1", "input_json": {"amount": 9500.0},
+           "features_json": FEATURES, "score": 0.5, "band": "medium", "flagged": False, "threshold": 0.7,
+           "explanation_json": {"base_value": 0.1, "raw_margin": 0.2, "reasons": [], "contributions": FEATURES}}
+    return request, [row]
+
+
+def run(background: bool, commits: int) -> dict:
+    from serving.audit import AuditStore
+
+    with tempfile.TemporaryDirectory(prefix="riskscore-audit-") as tmp:
+        store = AuditStore(f"sqlite:///{Path(tmp) / 'audit.db'}", background_checkpoint=background)
+        times = []
+        for _ in range(commits):
+            request, rows = _rows(uuid.uuid4().hex)
+            started = time.perf_counter()
+            store.record_scores(request, rows, {"items": [{"score": 0.5}]})
+            times.append(time.perf_counter() - started)
+        store.close()
+    out = percentiles(times)
+    out["over_5ms"] = sum(t > 0.005 for t in times)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--commits", type=int, default=6000)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    results = {"machine": machine(), "commits": args.commits}
+    for name, background in (("automatic", False), ("background", True)):
+        r = results[name] = run(background, args.commits)
+        print(f"{name} checkpoints: p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms max {r['max_ms']:.1f} ms, "
+              f"{r['over_5ms']} commits over 5 ms", flush=True)
+    write_json(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
