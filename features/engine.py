@@ -7,8 +7,9 @@ later events or outcomes that were not yet known.
 
 * Batch (training): :func:`batch_aggregate` answers all queries at once with sorted arrays,
   cumulative sums and ``np.searchsorted`` -- vectorised, ``O(n log n)``.
-* Online (serving): :class:`OnlineAggregate` keeps per-key sorted time arrays and cumulative sums
-  and answers one query with a binary search -- ``O(log n)``, no re-scan of history.
+* Online (serving): :class:`KeyHistory` keeps per-key sorted time arrays and cumulative sums (one history
+  for all specs over the same source and keys) and :class:`OnlineAggregate` answers one query with a binary
+  search -- ``O(log n)``, no re-scan of history.
 
 Both return identical columns; ``tests/test_feature_parity.py`` proves they agree.
 Times are integer seconds since the epoch (:func:`to_seconds`).
@@ -77,8 +78,12 @@ class Agg:
     def batch(self, sources: dict[str, pd.DataFrame], query: pd.DataFrame) -> pd.DataFrame:
         return batch_aggregate(self, sources[self.source], query)
 
-    def online(self) -> OnlineAggregate:
-        return OnlineAggregate(self)
+    def online(self, shared: dict | None = None) -> OnlineAggregate:
+        """Online executor; with ``shared`` (one dict per feature set), specs over the same source and keys
+        share one :class:`KeyHistory`."""
+        if shared is None:
+            return OnlineAggregate(self)
+        return OnlineAggregate(self, shared.setdefault(("agg", self.source, self.keys), KeyHistory(self.keys)))
 
 
 @dataclass(frozen=True)
@@ -102,8 +107,12 @@ class Distinct:
     def batch(self, sources: dict[str, pd.DataFrame], query: pd.DataFrame) -> pd.DataFrame:
         return batch_aggregate(self, sources[self.source], query)
 
-    def online(self) -> OnlineDistinct:
-        return OnlineDistinct(self)
+    def online(self, shared: dict | None = None) -> OnlineDistinct:
+        """Online executor; with ``shared``, specs over the same source, keys and other share their state."""
+        if shared is None:
+            return OnlineDistinct(self)
+        key = ("distinct", self.source, self.keys, self.other)
+        return OnlineDistinct(self, shared.setdefault(key, DistinctHistory(self.keys, self.other)))
 
 
 Spec = Agg | Distinct
@@ -257,17 +266,33 @@ def _group_codes(rows: pd.DataFrame, keys: tuple[str, ...]) -> np.ndarray:
     return codes
 
 
-class OnlineAggregate:
-    """Online executor of one :class:`Agg`: ingest source rows, answer queries at any time."""
+class KeyHistory:
+    """Online state of one (source, key columns): each key's sorted times and running sums of value columns.
 
-    def __init__(self, spec: Agg):
-        self.spec = spec
+    The specs over one source and one set of key columns (an account's 1h, 24h and 7d flows, its history
+    overall) share a history, so a source row is ingested once whatever the windows and values asked of it.
+    ``track`` adds the value columns a spec needs before any row arrives.
+    """
+
+    def __init__(self, keys: tuple[str, ...]):
+        self.keys = keys
+        self.values: list[str] = []
         self._series: dict[tuple, _KeySeries] = {}
-        self._width = len(spec.values)
-        self._window_s = spec.window_s  # per query: a property computing Timedelta.total_seconds() showed up
+
+    def track(self, values: Sequence[str]) -> list[int]:
+        """Positions of ``values`` in the running sums, adding the missing ones (only while the history is empty)."""
+        new = [v for v in values if v not in self.values]
+        if new and self._series:
+            raise RuntimeError(f"value columns {new} added to a history that already holds rows")
+        self.values += new
+        return [self.values.index(v) for v in values]
+
+    def series(self, key: tuple) -> _KeySeries | None:
+        """The key's times and running sums (None if no row had the key)."""
+        return self._series.get(key)
 
     def _values(self, rows: pd.DataFrame) -> np.ndarray:
-        vals = rows[list(self.spec.values)].to_numpy(np.float64) if self._width else np.zeros((len(rows), 0))
+        vals = rows[self.values].to_numpy(np.float64) if self.values else np.zeros((len(rows), 0))
         return np.nan_to_num(vals, nan=0.0)
 
     def ingest(self, rows: pd.DataFrame, t_col: str = "_t") -> None:
@@ -277,7 +302,7 @@ class OnlineAggregate:
         if not self._series and len(rows) > 1000:
             self._bulk_load(rows, ts, vals)
             return
-        for key, t, v in zip(_key_tuples(rows, self.spec.keys), ts.tolist(), vals, strict=True):
+        for key, t, v in zip(_key_tuples(rows, self.keys), ts.tolist(), vals, strict=True):
             self.add(key, t, v)
 
     def ingest_columns(self, columns: Mapping[str, Sequence], rows: Sequence[int]) -> None:
@@ -285,40 +310,41 @@ class OnlineAggregate:
 
         The pandas-free path for serving, where a few rows are added at a time.
         """
-        keys = [columns[k] for k in self.spec.keys]
+        keys = [columns[k] for k in self.keys]
         ts = columns["_t"]
         rows = list(rows)
-        if not self._width:
+        if not self.values:
             for i in rows:
                 self.add(tuple(k[i] for k in keys), int(ts[i]), _NO_VALUES)
             return
         if len(rows) == 1:  # one row (single items, most batch steps): plain Python beats numpy calls here
             i = rows[0]
-            row = [float(columns[v][i]) for v in self.spec.values]
+            row = [float(columns[v][i]) for v in self.values]
             if not all(map(math.isfinite, row)):  # as np.nan_to_num(nan=0.0): NaN -> 0, +-inf -> +-max float
                 row = np.nan_to_num(np.array(row), nan=0.0).tolist()
             self.add(tuple(k[i] for k in keys), int(ts[i]), np.array(row))
             return
-        vals = np.column_stack([np.asarray(columns[v], dtype=np.float64)[rows] for v in self.spec.values])
+        vals = np.column_stack([np.asarray(columns[v], dtype=np.float64)[rows] for v in self.values])
         if not np.isfinite(vals).all():  # the check is cheaper than nan_to_num for a few rows
             vals = np.nan_to_num(vals, nan=0.0)
         for i, v in zip(rows, vals, strict=True):
             self.add(tuple(k[i] for k in keys), int(ts[i]), v)
 
     def _bulk_load(self, rows: pd.DataFrame, ts: np.ndarray, vals: np.ndarray) -> None:
-        codes = _group_codes(rows, self.spec.keys)
+        width = len(self.values)
+        codes = _group_codes(rows, self.keys)
         keep = np.flatnonzero(codes >= 0)
         order = keep[np.lexsort((ts[keep], codes[keep]))]
         codes, ts, vals = codes[order], ts[order], vals[order]
         bounds = np.flatnonzero(np.diff(codes)) + 1
         starts = np.concatenate([[0], bounds]).astype(np.int64) if len(codes) else np.zeros(0, np.int64)
         ends = np.concatenate([bounds, [len(codes)]]).astype(np.int64) if len(codes) else starts
-        cum = np.zeros((len(codes) + len(starts), self._width))  # each key: a 0 row, then its running sums
-        if len(codes):
+        cum = np.zeros((len(codes) + len(starts), width))  # each key: a 0 row, then its running sums
+        if len(codes) and width:
             # per-key running sums, sequential like _KeySeries.add (bit-identical to row-by-row ingestion)
             grouped = pd.DataFrame(vals).groupby(codes, sort=False).cumsum().to_numpy(np.float64)
             cum[np.arange(len(codes)) + np.repeat(np.arange(len(starts)) + 1, ends - starts)] = grouped
-        firsts = _key_tuples(rows.iloc[order[starts]], self.spec.keys)
+        firsts = _key_tuples(rows.iloc[order[starts]], self.keys)
         for j, (key, s, e) in enumerate(zip(firsts, starts.tolist(), ends.tolist(), strict=True)):
             self._series[key] = _KeySeries(ts=ts[s:e].copy(), cum=cum[s + j : e + j + 1].copy(), n=e - s)
 
@@ -328,16 +354,37 @@ class OnlineAggregate:
         if series is None:
             if _has_missing(key):
                 return
-            series = self._series[key] = _KeySeries(cum=np.zeros((1, self._width)))
+            series = self._series[key] = _KeySeries(cum=np.zeros((1, len(self.values))))
         series.add(t, vals)
+
+
+class OnlineAggregate:
+    """Online executor of one :class:`Agg`: answers queries from a :class:`KeyHistory` (its own, or one shared
+    with the other specs over the same source and keys; rows are ingested into :attr:`feed`)."""
+
+    def __init__(self, spec: Agg, history: KeyHistory | None = None):
+        self.spec = spec
+        self.feed = history if history is not None else KeyHistory(spec.keys)
+        cols = self.feed.track(spec.values)
+        contiguous = bool(cols) and cols == list(range(cols[0], cols[-1] + 1))
+        self._pick: slice | list[int] = slice(cols[0], cols[-1] + 1) if contiguous else cols
+        self._width = len(cols)
+        self._empty = [0.0] * (1 + self._width) + ([np.nan, np.nan] if spec.recency else [])
+        self._window_s = spec.window_s  # per query: a property computing Timedelta.total_seconds() showed up
+
+    def ingest(self, rows: pd.DataFrame, t_col: str = "_t") -> None:
+        """Add source rows to the history (see :meth:`KeyHistory.ingest`)."""
+        self.feed.ingest(rows, t_col)
+
+    def ingest_columns(self, columns: Mapping[str, Sequence], rows: Sequence[int]) -> None:
+        """Add source rows given as plain columns (see :meth:`KeyHistory.ingest_columns`)."""
+        self.feed.ingest_columns(columns, rows)
 
     def query(self, key: tuple, t: int) -> list[float]:
         """Feature values for one query row with key ``key`` at time ``t`` (same order as columns())."""
-        spec = self.spec
-        series = self._series.get(key)  # a key with a missing part is never stored: no match
-        extra = 2 if spec.recency else 0
+        series = self.feed._series.get(key)  # a key with a missing part is never stored: no match
         if series is None or series.n == 0:
-            return [0.0] * (1 + self._width) + [np.nan] * extra
+            return list(self._empty)
         n = series.n
         ts = series.ts[:n]
         hi = n if ts[n - 1] < t else int(ts.searchsorted(t, side="left"))  # new events come after the history
@@ -345,8 +392,8 @@ class OnlineAggregate:
         lo = 0 if window is None else int(ts.searchsorted(t - window, side="left"))
         out = [float(hi - lo)]
         if self._width:
-            out += (series.cum[hi] - series.cum[lo]).tolist()
-        if spec.recency:
+            out += (series.cum[hi] - series.cum[lo])[self._pick].tolist()
+        if self.spec.recency:
             out += [float(t - ts[hi - 1]), float(t - ts[0])] if hi > 0 else [np.nan, np.nan]
         return out
 
@@ -354,23 +401,24 @@ class OnlineAggregate:
 _NO_VALUES = np.zeros(0)
 
 
-class OnlineDistinct:
-    """Online executor of one :class:`Distinct`: first time each (key, other) pair was seen."""
+class DistinctHistory:
+    """Online state of one (source, keys, other): the first time each (key, other) pair was seen, and per key the
+    sorted times of those first sightings (shared by the :class:`Distinct` specs over the same columns)."""
 
-    def __init__(self, spec: Distinct):
-        self.spec = spec
+    def __init__(self, keys: tuple[str, ...], other: str):
+        self.keys, self.other = keys, other
         self._first: dict[tuple, int] = {}
-        self._agg = OnlineAggregate(Agg(spec.name, spec.source, spec.keys, window=spec.window))
+        self.firsts = KeyHistory(keys)
 
     def ingest(self, rows: pd.DataFrame, t_col: str = "_t") -> None:
-        cols = [*self.spec.keys, self.spec.other]
+        cols = [*self.keys, self.other]
         for *key, other, t in zip(*(rows[c].to_numpy(dtype=object).tolist() for c in cols),
                                   rows[t_col].to_numpy(np.int64).tolist(), strict=True):
             self.add(tuple(key), other, t)
 
     def ingest_columns(self, columns: Mapping[str, Sequence], rows: Sequence[int]) -> None:
-        """Add source rows ``rows`` given as plain columns (see :meth:`OnlineAggregate.ingest_columns`)."""
-        keys, other, ts = [columns[k] for k in self.spec.keys], columns[self.spec.other], columns["_t"]
+        """Add source rows ``rows`` given as plain columns (see :meth:`KeyHistory.ingest_columns`)."""
+        keys, other, ts = [columns[k] for k in self.keys], columns[self.other], columns["_t"]
         for i in rows:
             self.add(tuple(k[i] for k in keys), other[i], int(ts[i]))
 
@@ -384,15 +432,33 @@ class OnlineDistinct:
             self._first[pair] = t
             if prev is not None:  # an earlier first sighting arrived late: move it
                 self._remove(key, prev)
-            self._agg.add(key, t, _NO_VALUES)
+            self.firsts.add(key, t, _NO_VALUES)
 
     def _remove(self, key: tuple, t: int) -> None:
-        series = self._agg._series[key]
+        series = self.firsts._series[key]
         ts = series.ts[: series.n]
         pos = int(np.searchsorted(ts, t, side="left"))
         series.ts[pos : series.n - 1] = series.ts[pos + 1 : series.n]
         series.cum[pos + 1 : series.n] = series.cum[pos + 2 : series.n + 1]
         series.n -= 1
 
+
+class OnlineDistinct:
+    """Online executor of one :class:`Distinct`: counts first sightings in a :class:`DistinctHistory` (its
+    own or a shared one; rows are ingested into :attr:`feed`)."""
+
+    def __init__(self, spec: Distinct, history: DistinctHistory | None = None):
+        self.spec = spec
+        self.feed = history if history is not None else DistinctHistory(spec.keys, spec.other)
+        self._count = OnlineAggregate(Agg(spec.name, spec.source, spec.keys, window=spec.window), self.feed.firsts)
+
+    def ingest(self, rows: pd.DataFrame, t_col: str = "_t") -> None:
+        self.feed.ingest(rows, t_col)
+
+    def ingest_columns(self, columns: Mapping[str, Sequence], rows: Sequence[int]) -> None:
+        """Add source rows given as plain columns (see :meth:`DistinctHistory.ingest_columns`)."""
+        self.feed.ingest_columns(columns, rows)
+
     def query(self, key: tuple, t: int) -> list[float]:
-        return self._agg.query(key, t)[:1]
+        return self._count.query(key, t)
+

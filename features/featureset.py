@@ -48,7 +48,9 @@ class SpecLike(Protocol):
     def qkeys(self) -> tuple[str, ...]: ...
     def columns(self) -> list[str]: ...
     def batch(self, sources: dict[str, pd.DataFrame], query: pd.DataFrame) -> pd.DataFrame: ...
-    def online(self) -> OnlineExecutor: ...
+    def online(self, shared: dict | None = None) -> OnlineExecutor:
+        """Online executor; specs may share state through ``shared`` (one dict per :class:`OnlineFeatures`)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -204,20 +206,20 @@ class OnlineFeatures:
 
     def __init__(self, fs: FeatureSet):
         self.fs = fs
-        self.executors = [spec.online() for spec in fs.specs]
+        shared: dict = {}
+        self.executors = [spec.online(shared) for spec in fs.specs]
+        self.feeds = _feeds(fs.specs, self.executors)
         self.events_seen = 0
 
     def _route(self, sources: dict[str, pd.DataFrame]) -> None:
-        for spec, ex in zip(self.fs.specs, self.executors, strict=True):
-            if isinstance(spec.source, str):
-                rows = sources.get(spec.source)
-                if rows is not None and len(rows):
-                    ex.ingest(rows)
-                continue
-            for name in spec.source:  # multi-source spec: say where the rows come from
+        for names, multi, feed in self.feeds:
+            for name in names:
                 rows = sources.get(name)
                 if rows is not None and len(rows):
-                    ex.ingest(rows, source=name)
+                    if multi:  # multi-source spec: say where the rows come from
+                        feed.ingest(rows, source=name)
+                    else:
+                        feed.ingest(rows)
 
     def ingest(self, events: pd.DataFrame) -> None:
         """Add events (e.g. each scored item) to the history."""
@@ -247,3 +249,17 @@ class OnlineFeatures:
             for i, col in enumerate(spec.columns()):
                 columns[col] = values[:, i]
         return self.fs.frame(self.fs.derive(columns), events.index)
+
+
+def _feeds(specs: list[SpecLike], executors: list) -> list[tuple[tuple[str, ...], bool, object]]:
+    """Where source rows go: each distinct ingest target once (an executor's shared ``feed``, or the executor),
+    as (its source names, whether the spec has several sources, target)."""
+    out, seen = [], set()
+    for spec, ex in zip(specs, executors, strict=True):
+        feed = getattr(ex, "feed", ex)
+        if id(feed) in seen:
+            continue
+        seen.add(id(feed))
+        multi = not isinstance(spec.source, str)
+        out.append((tuple(spec.source) if multi else (spec.source,), multi, feed))
+    return out

@@ -36,12 +36,13 @@ def prepare_columns(tx: Columns) -> dict[str, np.ndarray]:
     for col in (SRC, DST, *CATEGORICAL):
         out[col] = text_values(tx[col])
     amount = float_values(tx["amount"])
-    cents = np.round(amount * 100.0)
     out["amount"] = amount
     out["log_amount"] = np.log1p(amount)
     out["below_threshold"] = ((amount >= BAND_LOW) & (amount < THRESHOLD)).astype(np.float64)
-    out["round_100"] = ((cents % 10_000 == 0) & (cents > 0)).astype(np.float64)
-    out["round_1000"] = ((cents % 100_000 == 0) & (cents > 0)).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):  # a missing or huge amount is simply not round
+        cents = np.round(amount * 100.0)
+        out["round_100"] = ((cents % 10_000 == 0) & (cents > 0)).astype(np.float64)
+        out["round_1000"] = ((cents % 100_000 == 0) & (cents > 0)).astype(np.float64)
     out["cross_border"] = (out["source_country"] != out["target_country"]).astype(np.float64)
     out["self_transfer"] = (out[SRC] == out[DST]).astype(np.float64)
     t = to_seconds(tx["timestamp"])

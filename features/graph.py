@@ -162,7 +162,7 @@ class Cycle:
         cols = self.columns()
         return pd.DataFrame({cols[0]: count, cols[1]: qt - last, cols[2]: qt - first}, index=query.index)
 
-    def online(self) -> OnlineCycle:
+    def online(self, shared: dict | None = None) -> OnlineCycle:
         return OnlineCycle(self)
 
 
@@ -290,7 +290,7 @@ class ConfirmedLinks:
             out[next(cols)] = _before(l2_a, l2_t, qc, qt)[0]
         return pd.DataFrame(out, index=query.index)
 
-    def online(self) -> OnlineConfirmedLinks:
+    def online(self, shared: dict | None = None) -> OnlineConfirmedLinks:
         return OnlineConfirmedLinks(self)
 
 

@@ -20,28 +20,28 @@ from features.featureset import T_COL, Columns, OnlineFeatures
 DEFAULT_TOP_N = 5
 
 
-def _row_adder(spec, ex, name: str) -> Callable:
+def _row_adder(feed, name: str, multi: bool) -> Callable:
     """``add(cols, rows, source)``: ingest rows ``rows`` of source ``name`` (plain columns ``cols``, the source
-    frame ``source`` for executors without a plain-column path) into one executor."""
-    from features.engine import OnlineAggregate, OnlineDistinct
+    frame ``source`` for targets without a plain-column path) into one ingest target (``OnlineFeatures.feeds``)."""
+    from features.engine import DistinctHistory, KeyHistory
     from features.graph import OnlineConfirmedLinks, OnlineCycle, _missing
 
-    if isinstance(ex, OnlineAggregate | OnlineDistinct):
-        return lambda cols, rows, _source: ex.ingest_columns(cols, rows)
-    if isinstance(ex, OnlineCycle):
-        return _edge_adder(ex.spec.edge, ex.add)
-    if isinstance(ex, OnlineConfirmedLinks):
-        if name == ex.spec.sources[1]:
+    if isinstance(feed, KeyHistory | DistinctHistory):
+        return lambda cols, rows, _source: feed.ingest_columns(cols, rows)
+    if isinstance(feed, OnlineCycle):
+        return _edge_adder(feed.spec.edge, feed.add)
+    if isinstance(feed, OnlineConfirmedLinks):
+        if name == feed.spec.sources[1]:
             def add_cases(cols, rows, _source):
                 ts = cols[T_COL]
                 for i in rows:
-                    key = cols[ex.spec.case_key][i]
+                    key = cols[feed.spec.case_key][i]
                     if cols["confirmed"][i] > 0 and not _missing(key):
-                        ex.add_case(key, int(ts[i]))
+                        feed.add_case(key, int(ts[i]))
             return add_cases
-        return _edge_adder(ex.spec.edge, ex.add_edge)
-    multi = not isinstance(spec.source, str)  # unknown executor: its own (pandas) ingest
-    return lambda _cols, rows, source: ex.ingest(source.iloc[list(rows)], **({"source": name} if multi else {}))
+        return _edge_adder(feed.spec.edge, feed.add_edge)
+    # unknown target: its own (pandas) ingest
+    return lambda _cols, rows, source: feed.ingest(source.iloc[list(rows)], **({"source": name} if multi else {}))
 
 
 def _edge_adder(edge: tuple[str, str], add: Callable) -> Callable:
@@ -63,7 +63,7 @@ def _edge_adder(edge: tuple[str, str], add: Callable) -> Callable:
 @dataclass
 class _Plan:
     """What a batch does with one online state, worked out once per state: each spec's query (function, query
-    key columns, output columns) and each source's ingest functions."""
+    key columns, output columns) and each source's ingest functions (one per ingest target, not per spec)."""
 
     queries: list[tuple[Callable, tuple[str, ...], list[str]]]
     adders: dict[str, list[Callable]]
@@ -79,9 +79,9 @@ def _plan(online: OnlineFeatures) -> _Plan:
         queries = [(ex.query, tuple(spec.qkeys), list(spec.columns()))
                    for spec, ex in zip(fs.specs, online.executors, strict=True)]
         adders: dict[str, list[Callable]] = {}
-        for spec, ex in zip(fs.specs, online.executors, strict=True):
-            for name in ((spec.source,) if isinstance(spec.source, str) else spec.source):
-                adders.setdefault(name, []).append(_row_adder(spec, ex, name))
+        for names, multi, feed in online.feeds:
+            for name in names:
+                adders.setdefault(name, []).append(_row_adder(feed, name, multi))
         plan = _PLANS[online] = _Plan(queries, adders)
     return plan
 

@@ -109,3 +109,40 @@ def test_distinct_online_equals_batch_with_late_arrivals():
     ex2.ingest_columns(cols, range(len(source)))
     got2 = [ex2.query(tuple(q[k] for k in spec.qkeys), int(q["_t"]))[0] for _, q in query.iterrows()]
     assert got2 == got
+
+
+def test_specs_over_one_source_and_keys_share_one_history_with_the_same_answers():
+    """One KeyHistory per (source, keys) and one DistinctHistory per (source, keys, other): a row is ingested once,
+    and every spec answers exactly as its own executor would, in any ingest order and value-column order."""
+    from features.engine import DistinctHistory, KeyHistory
+
+    source = _rows(400, Y2040, seed=7).assign(w2=lambda f: f["v"] * 3.0)
+    specs = [
+        Agg("a", "s", ("k",), values=("v",), recency=True),
+        Agg("b", "s", ("k",), values=("w2",), window=pd.Timedelta(days=3)),
+        Agg("c", "s", ("k",), query_keys=("k2",), values=("w2", "v"), window=pd.Timedelta(days=9)),
+        Agg("d", "s", ("k2",), window=pd.Timedelta(days=1)),
+        Distinct("e", "s", ("k",), "other"),
+        Distinct("f", "s", ("k",), "other", query_keys=("k2",), window=pd.Timedelta(days=4)),
+    ]
+    shared: dict = {}
+    executors = [spec.online(shared) for spec in specs]
+    feeds = {id(ex.feed): ex.feed for ex in executors}
+    assert sorted(type(f).__name__ for f in feeds.values()) == ["DistinctHistory", "KeyHistory", "KeyHistory"]
+    assert executors[0].feed is executors[1].feed is executors[2].feed and executors[0].feed.values == ["v", "w2"]
+    assert isinstance(executors[4].feed, DistinctHistory) and executors[4].feed is executors[5].feed
+    alone = [spec.online() for spec in specs]
+    for feed in feeds.values():
+        feed.ingest(source.iloc[:300])  # bulk path for KeyHistory
+        feed.ingest(source.iloc[300:][::-1])  # late rows one by one, out of time order
+    for ex in alone:
+        ex.ingest(source.iloc[:300])
+        ex.ingest(source.iloc[300:][::-1])
+    query = _rows(60, Y2040, seed=8).assign(k2=lambda f: f["k"].where(f.index % 2 == 0, f["k2"]))
+    for spec, ex, ref in zip(specs, executors, alone, strict=True):
+        for _, q in query.iterrows():
+            key = tuple(q[k] for k in spec.qkeys)
+            np.testing.assert_array_equal(ex.query(key, int(q["_t"])), ref.query(key, int(q["_t"])))
+    with pytest.raises(RuntimeError, match="already holds rows"):
+        executors[0].feed.track(["new"])
+    assert isinstance(executors[3].feed, KeyHistory)
