@@ -9,6 +9,8 @@ keys; rate limit off), then:
   ``--duration`` seconds -> p50/p90/p99 latency and requests/s. The users are ``wrk`` connections when
   ``wrk`` is installed (:mod:`bench.wrk_load`; a C client whose CPU does not compete with the server's like a
   Python client's), else Python threads with httpx (bounded by ``--max-requests``); ``--client`` chooses;
+* optionally a latency-vs-load curve: ``--curve 1:0,2:30,4:30`` adds one single-item run per ``users:think_ms``
+  point (same generator, same duration);
 * batch scoring: ``--batches`` requests of ``--batch-size`` items (with explanations) -> items/s;
 * the same items in-process: the serving path (:func:`serving.fast_path.feature_columns_in_time_order` +
   :func:`serving.fast_path.explain`) and raw ``booster.predict`` + ``predict(pred_contrib=True)`` on the same
@@ -18,7 +20,7 @@ Items are the latest events of the training data with fresh ids, moved after the
 
     python -m bench.serve_load [--customs-rows 10000] [--finance-rows 20000] [--users 4] [--think-ms 30]
                                [--duration 20] [--batch-size 1000] [--batches 3] [--client auto|wrk|python]
-                               [--compare-old] [--json out.json]
+                               [--curve USERS:THINK_MS,...] [--compare-old] [--json out.json]
 """
 
 from __future__ import annotations
@@ -230,6 +232,17 @@ def in_process(domain: str, bundle, events: pd.DataFrame, cases, frame: pd.DataF
     return out
 
 
+def _curve(text: str) -> list[tuple[int, float]]:
+    """``"1:0,2:30"`` -> ``[(1, 0.0), (2, 30.0)]`` (users, mean think time in ms)."""
+    try:
+        points = [(int(u), float(t)) for u, t in (p.split(":") for p in text.split(",") if p.strip())]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use users:think_ms,... e.g. 1:0,2:30,4:30") from None
+    if any(u < 1 or t < 0 for u, t in points):
+        raise argparse.ArgumentTypeError(f"{text!r}: users >= 1 and think_ms >= 0")
+    return points
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--customs-rows", type=int, default=10_000)
@@ -243,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto",
                         help="single-item load generator: wrk (C, Debian package) or Python threads with httpx; "
                              "auto = wrk when installed")
+    parser.add_argument("--curve", type=_curve, default=[],
+                        help="extra single-item load points as users:think_ms,... (e.g. 1:30,2:30,4:30,4:60)")
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--compare-old", action="store_true", help="also time the previous in-process path")
@@ -267,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                 items = api_items(domain, pool)
                 res = {"history_events": len(events), "trees": bundles[domain].booster.num_trees()}
                 res["in_process"] = in_process(domain, bundles[domain], events, cases, pool, args.compare_old)
-                loads = (("single_1_user", 1, 0.0), ("single", args.users, 0.0),
-                         ("single_paced", args.users, args.think_ms))
+                loads = [("single_1_user", 1, 0.0), ("single", args.users, 0.0),
+                         ("single_paced", args.users, args.think_ms),
+                         *((f"curve_{users}u_{think:g}ms", users, think) for users, think in args.curve)]
                 for key, users, think in loads:
                     if use_wrk:
                         res[key] = wrk_load.run(server.url, ROUTE[domain], server.keys[ROLE[domain]], items,
@@ -284,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
                 res["batch"] = batch_load(server, domain, batches)
                 res["batch_ratio_http_vs_raw"] = res["batch"]["items_per_s"] / res["in_process"]["raw_items_per_s"]
                 results["domains"][domain] = res
+                for users, think in args.curve:
+                    point = res[f"curve_{users}u_{think:g}ms"]
+                    print(f"{domain}: {users} users, {think:g} ms think: {point['requests_per_s']:.0f} req/s, p50 "
+                          f"{point['p50_ms']:.1f} p90 {point['p90_ms']:.1f} p99 {point['p99_ms']:.1f} ms", flush=True)
                 one, paced = res["single_1_user"], res["single_paced"]
                 print(f"{domain}: single, 1 user: p50 {one['p50_ms']:.1f} ms p99 {one['p99_ms']:.1f} ms; "
                       f"{args.users} users with {args.think_ms:g} ms think time: p50 {paced['p50_ms']:.1f} ms "

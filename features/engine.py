@@ -287,10 +287,6 @@ class KeyHistory:
         self.values += new
         return [self.values.index(v) for v in values]
 
-    def series(self, key: tuple) -> _KeySeries | None:
-        """The key's times and running sums (None if no row had the key)."""
-        return self._series.get(key)
-
     def _values(self, rows: pd.DataFrame) -> np.ndarray:
         vals = rows[self.values].to_numpy(np.float64) if self.values else np.zeros((len(rows), 0))
         return np.nan_to_num(vals, nan=0.0)
@@ -411,6 +407,7 @@ class DistinctHistory:
         self.firsts = KeyHistory(keys)
 
     def ingest(self, rows: pd.DataFrame, t_col: str = "_t") -> None:
+        """Add source rows (any order: an earlier first sighting arriving late replaces the later one)."""
         cols = [*self.keys, self.other]
         for *key, other, t in zip(*(rows[c].to_numpy(dtype=object).tolist() for c in cols),
                                   rows[t_col].to_numpy(np.int64).tolist(), strict=True):
