@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     show("ignored (scripts/pip-audit-ignore.txt)", skipped)
     print(f"pip-audit: {audited} packages audited; {len(fixable)} fixable, {len(unfixable)} without a fix, "
           f"{len(skipped)} ignored")
+    not_audited = [d for d in report.get("dependencies", []) if "skip_reason" in d]
+    if not_audited and not audited:  # e.g. the index answers for packages but not for their per-version metadata
+        print(f"pip-audit: WARNING: none of the {len(not_audited)} packages could be audited; the first reason: "
+              f"{not_audited[0]['skip_reason']}", file=sys.stderr)
     return 1 if fixable else 0
 
 

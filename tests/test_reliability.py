@@ -671,6 +671,9 @@ def test_pip_audit_policy_fails_only_on_fixable_advisories(tmp_path, capsys):
     assert policy.main(["--report", str(report)]) == 1
     assert "FAIL (fix available): foo 1.0: PYSEC-1 (CVE-1): fixed in 1.1" in capsys.readouterr().out
     assert policy.classify({"dependencies": [fixable]}, {"CVE-1"})[2][0]["id"] == "PYSEC-1"  # ignored by alias
+    report.write_text(json.dumps({"dependencies": [{"name": "x", "skip_reason": "not found on PyPI"}]}))
+    assert policy.main(["--report", str(report)]) == 0  # nothing audited: a warning, not a failure
+    assert "none of the 1 packages could be audited; the first reason: not found on PyPI" in capsys.readouterr().err
 
 
 def _audit_rows(request_id: str) -> tuple[dict, list[dict]]:
