@@ -1,10 +1,11 @@
 """Quick regression guard (seconds): in-process scoring vs the raw LightGBM ceiling, measured in the same run.
 
 For each domain: small synthetic data, a small LightGBM bundle, the online state seeded with all but the last
-``--items`` events, then the serving path (:func:`serving.fast_path.features_in_time_order` + ``explain``) on those
-items as one batch and one by one, next to raw ``booster.predict`` + ``predict(pred_contrib=True)`` on the same
-feature matrix. It also checks correctness: the served features equal the batch feature build (training
-semantics) and the explanations equal ``ModelBundle.explain``.
+``--items`` events, then the serving path (:func:`serving.fast_path.feature_columns_in_time_order` on the items'
+plain contract columns, as the service passes them, + ``explain``) on those items as one batch and one by one,
+next to raw ``booster.predict`` + ``predict(pred_contrib=True)`` on the same feature matrix. It also checks
+correctness: the served features equal the batch feature build (training semantics) and the explanations equal
+``ModelBundle.explain``.
 
 Fails (exit 1) only on gross regressions relative to the ceiling, never on absolute times:
 batch throughput < ``--min-ratio`` (default 5%) of raw predict+pred_contrib.
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.common import dataset, events_and_cases, machine, quick_bundle, write_json
+from bench.common import api_items, dataset, events_and_cases, machine, quick_bundle, write_json
 
 ROWS = {"customs": 3000, "finance": 4000}
 
@@ -59,6 +60,7 @@ def run_domain(domain: str, items: int, work: Path, repeats: int = 3) -> dict:
         features_in_time_order,
         model_array,
     )
+    from serving.models import item_columns, parse_batch
 
     events, cases = events_and_cases(domain, dataset(domain, ROWS[domain], work))
     hist, new = events.iloc[:-items], events.iloc[-items:]
@@ -83,18 +85,22 @@ def run_domain(domain: str, items: int, work: Path, repeats: int = 3) -> dict:
     raw = _best(lambda: (bundle.booster.predict(X, num_threads=nt),
                          bundle.booster.predict(X, pred_contrib=True, num_threads=nt)), repeats)
 
+    # timed inputs as the service passes them: validated items as plain contract columns (serving.models)
+    validated = parse_batch(domain, {"items": api_items(domain, frame)}, limit=len(frame))
+    columns = item_columns(domain, validated)
+
     def batch():
         state = copy.deepcopy(seeded)
         start = time.perf_counter()
-        explain(bundle, feature_columns_in_time_order(state, frame))
+        explain(bundle, feature_columns_in_time_order(state, columns))
         return time.perf_counter() - start
 
     served = min(batch() for _ in range(repeats))
     state = copy.deepcopy(seeded)
     singles = []
-    for i in range(min(items, 100)):
+    for item in validated[: min(items, 100)]:
         start = time.perf_counter()
-        explain(bundle, feature_columns_in_time_order(state, frame.iloc[i : i + 1]))
+        explain(bundle, feature_columns_in_time_order(state, item_columns(domain, [item])))
         singles.append(time.perf_counter() - start)
     raw_single = _best(lambda: (bundle.booster.predict(X[:1], num_threads=1),
                                 bundle.booster.predict(X[:1], pred_contrib=True, num_threads=1)), 20)
