@@ -11,7 +11,8 @@ later events or outcomes that were not yet known.
   for all specs over the same source and keys) and :class:`OnlineAggregate` answers one query with a binary
   search -- ``O(log n)``, no re-scan of history.
 
-Both return identical columns; ``tests/test_feature_parity.py`` proves they agree.
+Both return identical columns; ``tests/test_engine.py`` (against a brute-force reference) and the online-vs-batch
+tests of ``tests/test_finance_features.py`` and ``tests/test_customs_features.py`` prove they agree.
 Times are integer seconds since the epoch (:func:`to_seconds`).
 """
 
@@ -458,4 +459,3 @@ class OnlineDistinct:
 
     def query(self, key: tuple, t: int) -> list[float]:
         return self._count.query(key, t)
-

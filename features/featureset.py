@@ -11,7 +11,8 @@ A :class:`FeatureSet` is the single definition of a domain's features:
   aggregates -- plain numpy, so one online event costs microseconds, not pandas overhead.
 
 :meth:`FeatureSet.build` runs it on a whole history; :class:`OnlineFeatures` holds incremental state
-and answers single events in ``O(log n)``. ``tests/test_feature_parity.py`` proves both agree.
+and answers single events in ``O(log n)``. The online-vs-batch tests of ``tests/test_finance_features.py`` and
+``tests/test_customs_features.py`` prove both agree.
 """
 
 from __future__ import annotations
