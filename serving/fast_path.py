@@ -40,8 +40,13 @@ def _row_adder(feed, name: str, multi: bool) -> Callable:
                         feed.add_case(key, int(ts[i]))
             return add_cases
         return _edge_adder(feed.spec.edge, feed.add_edge)
-    # unknown target: its own (pandas) ingest
-    return lambda _cols, rows, source: feed.ingest(source.iloc[list(rows)], **({"source": name} if multi else {}))
+    # any other executor: its own (pandas) ingest, given the rows as a frame (the service passes plain columns)
+    def add_frame(cols, rows, source):
+        rows = list(rows)
+        frame = (source.iloc[rows] if isinstance(source, pd.DataFrame)
+                 else pd.DataFrame({c: [v[i] for i in rows] for c, v in cols.items()}))
+        feed.ingest(frame, **({"source": name} if multi else {}))
+    return add_frame
 
 
 def _edge_adder(edge: tuple[str, str], add: Callable) -> Callable:

@@ -231,6 +231,49 @@ def test_service_path_equals_pandas_reference(domain: str, data, online_states):
             np.testing.assert_array_equal(got.astype(np.float64), want.astype(np.float64), err_msg=name)
 
 
+class _PandasOnlySpec:
+    """A spec whose online executor has no plain-column ingest (only ``ingest(frame)``), like a user's own."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name, self.source, self.qkeys = inner.name, inner.source, inner.qkeys
+
+    def columns(self):
+        return self.inner.columns()
+
+    def batch(self, sources, query):
+        return self.inner.batch(sources, query)
+
+    def online(self, shared=None):
+        ex = self.inner.online()  # its own state, not shared
+
+        class Executor:
+            ingest, query = ex.ingest, ex.query
+        return Executor()
+
+
+def test_service_path_ingests_executors_without_a_plain_column_path():
+    """An executor with only a pandas ``ingest`` still gets the batch's rows on the service path (plain columns),
+    and the features equal those of the built-in executors."""
+    import dataclasses
+
+    from features.domains import feature_set
+    from serving.fast_path import feature_columns_in_time_order
+    from serving.models import item_columns
+
+    fs = feature_set("finance")
+    custom = dataclasses.replace(fs, specs=[_PandasOnlySpec(s) if s.name.startswith(("src_out", "pair")) else s
+                                            for s in fs.specs])
+    raw = [dict(TRANSFER, transaction_id=f"P{i}", timestamp=f"2021-03-01T10:0{i}:00Z", amount=100.0 * (i + 1),
+                source_account="A1" if i % 2 else "A2", target_account="A3") for i in range(6)]
+    items = parse_batch("finance", {"items": raw})
+    expected = feature_columns_in_time_order(fs.online(), item_columns("finance", items))
+    got = feature_columns_in_time_order(custom.online(), item_columns("finance", items))
+    assert expected["src_out_count"].tolist() == [0, 0, 1, 1, 2, 2]  # later items see earlier ones
+    for name in fs.names:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(expected[name]), err_msg=name)
+
+
 # ---------------------------------------------------------------------------------------------- rate limits
 
 
