@@ -11,6 +11,9 @@ keys; rate limit off), then:
   Python client's), else Python threads with httpx (bounded by ``--max-requests``); ``--client`` chooses;
 * optionally a latency-vs-load curve: ``--curve 1:0,2:30,4:30`` adds one single-item run per ``users:think_ms``
   point (same generator, same duration);
+* ``--workers 1,2``: one server per worker count, all started up front; every single-item load point runs
+  against each of them in turn (same items, interleaved, so a slow phase of the machine hits all alike); the
+  batch and in-process measurements use the first;
 * batch scoring: ``--batches`` requests of ``--batch-size`` items (with explanations) -> items/s;
 * the same items in-process: the serving path (:func:`serving.fast_path.feature_columns_in_time_order` +
   :func:`serving.fast_path.explain`) and raw ``booster.predict`` + ``predict(pred_contrib=True)`` on the same
@@ -20,7 +23,7 @@ Items are the latest events of the training data with fresh ids, moved after the
 
     python -m bench.serve_load [--customs-rows 10000] [--finance-rows 20000] [--users 4] [--think-ms 30]
                                [--duration 20] [--batch-size 1000] [--batches 3] [--client auto|wrk|python]
-                               [--curve USERS:THINK_MS,...] [--compare-old] [--json out.json]
+                               [--curve USERS:THINK_MS,...] [--workers 1,2] [--compare-old] [--json out.json]
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ class Running:
         return {"Authorization": f"Bearer {self.keys[role]}"}
 
 
-def start_server(root: Path, data: dict[str, Path], rounds: int | None) -> tuple[Running, dict]:
+def train_models(root: Path, data: dict[str, Path], rounds: int | None) -> tuple[dict, dict, dict]:
+    """Train both domains into a throw-away registry: ``(server env, bundles, keys by role)``."""
     from serving import auth
     from training.pipeline import TrainConfig, train
 
@@ -104,16 +108,29 @@ def start_server(root: Path, data: dict[str, Path], rounds: int | None) -> tuple
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+    return env, bundles, keys
+
+
+def launch_server(root: Path, env: dict, keys: dict, workers: int = 1) -> Running:
+    """Start the service with ``workers`` worker processes on a free port and wait until it is ready."""
     port = local_server.free_port()
-    log = root / "server.log"
-    proc = local_server.launch(env, log, port, cwd=REPO)
+    log = root / f"server-{workers}w.log"
+    audit = f"sqlite:///{root / f'audit-{workers}w.db'}"  # one audit store per server: no cross-talk
+    proc = local_server.launch({**env, "RISKSCORE_WORKERS": str(workers), "RISKSCORE_AUDIT_URL": audit}, log, port,
+                               cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
         local_server.wait_ready(url, proc, log, timeout=300)
     except local_server.ServerStartError:
         local_server.stop(proc)
         raise
-    return Running(url, keys, proc, log), bundles
+    return Running(url, keys, proc, log)
+
+
+def start_server(root: Path, data: dict[str, Path], rounds: int | None, workers: int = 1) -> tuple[Running, dict]:
+    """:func:`train_models` then :func:`launch_server`."""
+    env, bundles, keys = train_models(root, data, rounds)
+    return launch_server(root, env, keys, workers), bundles
 
 
 def single_load(server: Running, domain: str, pool: list[dict], users: int, duration: float,
@@ -243,6 +260,17 @@ def _curve(text: str) -> list[tuple[int, float]]:
     return points
 
 
+def _workers(text: str) -> list[int]:
+    """``"1,2"`` -> ``[1, 2]``."""
+    try:
+        out = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use comma-separated worker counts, e.g. 1,2") from None
+    if not out or any(w < 1 for w in out) or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"{text!r}: distinct worker counts >= 1")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--customs-rows", type=int, default=10_000)
@@ -258,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                              "auto = wrk when installed")
     parser.add_argument("--curve", type=_curve, default=[],
                         help="extra single-item load points as users:think_ms,... (e.g. 1:30,2:30,4:30,4:60)")
+    parser.add_argument("--workers", type=_workers, default=[1],
+                        help="comma-separated worker counts per server, e.g. 1,2 (one server each, loads interleaved)")
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--compare-old", action="store_true", help="also time the previous in-process path")
@@ -272,9 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         work = args.work or root
         data = {d: dataset(d, n, work) for d, n in rows.items()}
-        server, bundles = start_server(root, data, args.rounds)
+        env, bundles, keys = train_models(root, data, args.rounds)
+        servers: dict[int, Running] = {}
         results: dict = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "domains": {}}
         try:
+            for w in args.workers:
+                servers[w] = launch_server(root, env, keys, w)
+            server = servers[args.workers[0]]
             for domain in ("customs", "finance"):
                 events, cases = events_and_cases(domain, data[domain])
                 label = "fraud" if domain == "customs" else "is_laundering"
@@ -286,12 +320,20 @@ def main(argv: list[str] | None = None) -> int:
                          ("single_paced", args.users, args.think_ms),
                          *((f"curve_{users}u_{think:g}ms", users, think) for users, think in args.curve)]
                 for key, users, think in loads:
-                    if use_wrk:
-                        res[key] = wrk_load.run(server.url, ROUTE[domain], server.keys[ROLE[domain]], items,
-                                                ID_COL[domain], users, args.duration, think_ms=think)
-                    else:
-                        res[key] = single_load(server, domain, items, users, args.duration, args.max_requests,
-                                               think_ms=think)
+                    for w, srv in servers.items():  # interleaved: each point on every server in turn
+                        if use_wrk:
+                            point = wrk_load.run(srv.url, ROUTE[domain], srv.keys[ROLE[domain]], items,
+                                                 ID_COL[domain], users, args.duration, think_ms=think)
+                        else:
+                            point = single_load(srv, domain, items, users, args.duration, args.max_requests,
+                                                think_ms=think)
+                        if srv is server:
+                            res[key] = point
+                        else:
+                            res.setdefault(f"workers_{w}", {})[key] = point
+                        if len(servers) > 1:
+                            print(f"{domain}: {w} worker(s), {key}: {point['requests_per_s']:.0f} req/s, p50 "
+                                  f"{point['p50_ms']:.1f} p99 {point['p99_ms']:.1f} ms", flush=True)
                 batches = []
                 for b in range(args.batches):  # each batch later than the previous one, fresh ids
                     shifted = new_events(domain, pd.concat([events, pool]), args.batch_size, label) if b else pool
@@ -316,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"-> HTTP/raw {res['batch_ratio_http_vs_raw']:.2f}",
                       flush=True)
         finally:
-            local_server.stop(server.proc)
+            for srv in servers.values():
+                local_server.stop(srv.proc)
     write_json(args.json, results)
     return 0
 

@@ -14,7 +14,8 @@ import logging
 import math
 import os
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,11 @@ import orjson
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+
+try:
+    import fcntl
+except ImportError:  # not on POSIX: writers rely on SQLite's busy handler alone
+    fcntl = None
 
 from features.schemas import TABLES
 from riskscore import config
@@ -82,6 +88,16 @@ outcomes = sa.Table(
 )
 
 
+reloads = sa.Table(  # POST /admin/reload requests, so that every worker and replica on this store follows them
+    "reloads", metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("requested_at", sa.DateTime, nullable=False),
+    sa.Column("requested_by", sa.String(16), nullable=False),
+    sa.Column("domains", sa.JSON),  # null = every served domain
+    sa.Column("force", sa.Boolean, nullable=False),
+)
+
+
 class IdempotencyConflict(Exception):
     """The (caller, Idempotency-Key) pair is already stored; ``stored`` is the earlier request."""
 
@@ -103,13 +119,81 @@ class StoredRequest:
 
 @dataclass
 class Replay:
-    """Audit history of a domain after some watermark, ready for the online feature state."""
+    """Audit history of a domain read past two cursors (:meth:`AuditStore.replay`), for the online state."""
 
-    events: pd.DataFrame  # scored events in contract dtypes (first scoring of each event id)
-    labelled: pd.DataFrame  # events with a reviewer outcome as label, time = when the label became known
-    cases: pd.DataFrame  # cases contract rows
-    last_score_seq: int
-    last_outcome_seq: int
+    domain: str
+    event_rows: list[dict]  # API inputs of the scored events (first scoring of each event id in this read)
+    decided: list[sa.Row]  # the domain's reviewer outcomes with their scored inputs
+    score_seqs: list[int] = field(default_factory=list)  # every scores row read (all domains)
+    outcome_seqs: list[int] = field(default_factory=list)  # every outcomes row read (all domains)
+
+    @property
+    def events(self) -> pd.DataFrame:
+        """The scored events in contract dtypes."""
+        return events_frame(self.domain, self.event_rows)
+
+    @property
+    def labelled(self) -> pd.DataFrame:
+        """Events with their outcome as label; ``label_known_at`` = when it was decided."""
+        out = _labelled(self.domain, self.decided)
+        out["label_known_at"] = pd.to_datetime(
+            pd.Series([r.decided_at for r in self.decided], dtype="object")).astype("datetime64[ns]")
+        return out
+
+    @property
+    def cases(self) -> pd.DataFrame:
+        """The outcomes as ``cases`` contract rows."""
+        return _cases(self.domain, self.decided)
+
+
+GAP_WAIT_S = 60.0  # how long a cursor waits for a seq below its top to commit before giving it up
+GAP_WINDOW = 10_000  # holes further than this below the top are not tracked
+
+
+class SeqCursor:
+    """Where a reader of an append-only audit table (``seq`` ascending) stands; tolerant of late commits.
+
+    SQLite hands out seqs in commit order (one writer at a time). PostgreSQL does not: a transaction that took
+    seq 10 can commit after one that took seq 11, and a rolled-back insert leaves a hole for good. So the cursor
+    keeps the highest seq it has applied (``top``) and the holes below it (``gaps``, seq -> when first missed)
+    and reads both next time (:meth:`where`); a hole still empty after :data:`GAP_WAIT_S` is given up. Readers
+    read every domain's rows (a domain's seqs are not contiguous) and mark them all; writers mark the rows they
+    wrote (:meth:`AuditStore.record_scores` returns their seqs). Thread-safe.
+    """
+
+    def __init__(self, top: int = 0, clock=time.monotonic):
+        self.top = top
+        self.gaps: dict[int, float] = {}
+        self.clock = clock
+        self._lock = threading.Lock()
+
+    def behind(self, head: int) -> bool:
+        """Whether rows may be unread, given the table's highest seq ``head``."""
+        return head > self.top or bool(self.gaps)
+
+    def where(self, column: sa.ColumnElement) -> sa.ColumnElement:
+        """Rows not applied yet: above the top, or in a hole."""
+        with self._lock:
+            top, gaps = self.top, sorted(self.gaps)
+        return column > top if not gaps else sa.or_(column > top, column.in_(gaps))
+
+    def mark(self, seqs: list[int]) -> None:
+        """Record rows as applied (any order); holes below a new top are remembered, old ones expire."""
+        with self._lock:
+            self._mark(seqs)
+
+    def _mark(self, seqs: list[int]) -> None:
+        now = self.clock()
+        for seq in sorted(seqs):
+            if seq > self.top:
+                for hole in range(max(self.top + 1, seq - GAP_WINDOW), seq):
+                    self.gaps[hole] = now
+                self.top = seq
+            else:
+                self.gaps.pop(seq, None)
+        if self.gaps:
+            floor = self.top - GAP_WINDOW
+            self.gaps = {s: t for s, t in self.gaps.items() if s > floor and now - t < GAP_WAIT_S}
 
 
 def utcnow() -> dt.datetime:
@@ -226,6 +310,51 @@ class WalCheckpointer:
             log.warning("final audit WAL checkpoint failed", exc_info=True)
 
 
+class WriteLock:
+    """Takes turns between writers of one SQLite audit file, across threads and processes (``flock`` on
+    ``<db>.lock``).
+
+    SQLite lets one writer in at a time; the others wait in its busy handler, which polls with sleeps of up to
+    100 ms, so writers of several service workers on one file saw stalls of 100-500 ms under load. A blocked
+    ``flock`` wakes as soon as the holder releases it, so a writer holding this lock finds SQLite's write lock
+    free. The kernel releases it when a process dies. PostgreSQL and other databases need none (a no-op).
+    """
+
+    def __init__(self, db_path: str | None):
+        self._thread_lock = threading.Lock()
+        self._fd = None
+        if db_path is not None and fcntl is not None:
+            self._fd = os.open(db_path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+    def __enter__(self) -> WriteLock:
+        self._thread_lock.acquire()
+        if self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except BaseException:
+                self._thread_lock.release()
+                raise
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._thread_lock.release()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def sqlite_file(url: str) -> str | None:
+    """The database file of a SQLite URL (None for other databases and in-memory SQLite)."""
+    parsed = sa.engine.make_url(url)
+    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+        return None
+    return parsed.database
+
+
 class AuditStore:
     """Reads and writes the audit tables (created if missing).
 
@@ -240,12 +369,14 @@ class AuditStore:
         self.engine = _engine(self.url, autocheckpoint=not background)
         metadata.create_all(self.engine)
         self._checkpointer = WalCheckpointer(self.engine, checkpoint_interval()) if background else None
+        self.write_lock = WriteLock(sqlite_file(self.url) if on_file else None)
 
     def close(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.stop()
             self._checkpointer = None
         self.engine.dispose()
+        self.write_lock.close()
 
     # -- scoring ---------------------------------------------------------------------------------------
     def find_request(self, caller_key_id: str, idempotency_key: str) -> StoredRequest | None:
@@ -257,18 +388,31 @@ class AuditStore:
             ).first()
         return StoredRequest(row.request_id, row.body_sha256, row.response_json) if row else None
 
-    def record_scores(self, request: dict, rows: list[dict], response: dict) -> None:
-        """Write a request and its score rows in one transaction; duplicate Idempotency-Key -> conflict."""
+    def record_scores(self, request: dict, rows: list[dict], response: dict) -> list[int]:
+        """Write a request and its score rows in one transaction; duplicate Idempotency-Key -> conflict.
+
+        Returns the seqs the score rows took (a writer marks them in its :class:`SeqCursor`: already applied).
+        """
         try:
-            with self.engine.begin() as conn:
+            with self.write_lock, self.engine.begin() as conn:
                 # plain insert() with parameters: SQLAlchemy compiles each statement once and caches it
                 conn.execute(requests.insert(), [{**request, "response_json": response}])
-                conn.execute(scores.insert(), rows)
+                if conn.dialect.insert_executemany_returning:  # one INSERT ... RETURNING (SQLite, PostgreSQL)
+                    return list(conn.execute(scores.insert().returning(scores.c.seq), rows).scalars())
+                return [conn.execute(scores.insert(), row).inserted_primary_key[0] for row in rows]
         except IntegrityError:
             key = request.get("idempotency_key")
             if key is None:
                 raise
             raise IdempotencyConflict(self.find_request(request["caller_key_id"], key)) from None
+
+    def heads(self) -> tuple[int, int]:
+        """The highest seq of the scores and of the outcomes table (0 when empty), in one query."""
+        query = sa.select(sa.select(sa.func.coalesce(sa.func.max(scores.c.seq), 0)).scalar_subquery(),
+                          sa.select(sa.func.coalesce(sa.func.max(outcomes.c.seq), 0)).scalar_subquery())
+        with self.engine.connect() as conn:
+            score_head, outcome_head = conn.execute(query).one()
+        return int(score_head), int(outcome_head)
 
     def get_score(self, score_id: str) -> dict | None:
         """A score row with its outcome (if any) as a dict."""
@@ -285,6 +429,22 @@ class AuditStore:
             query = query.where(scores.c[col] == value)
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
+
+    # -- reloads -----------------------------------------------------------------------------------------
+    def request_reload(self, domains: list[str] | None, force: bool, requested_by: str) -> int:
+        """Record a reload request (its seq) for the other workers and replicas on this store."""
+        row = {"requested_at": utcnow(), "requested_by": requested_by, "domains": domains, "force": bool(force)}
+        with self.write_lock, self.engine.begin() as conn:
+            return int(conn.execute(reloads.insert().values(**row)).inserted_primary_key[0])
+
+    def reloads_after(self, seq: int) -> list[sa.Row]:
+        """Reload requests recorded after ``seq``, oldest first."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(reloads).where(reloads.c.seq > seq).order_by(reloads.c.seq)))
+
+    def last_reload_seq(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(reloads.c.seq), 0))).scalar_one())
 
     # -- reviewer workspace (serving/review) ------------------------------------------------------------
     def review_queue(self, *, agency: str | None = None, domain: str | None = None, band: str | None = None,
@@ -399,7 +559,7 @@ class AuditStore:
         row = {"score_id": score_id, "outcome": outcome, "note": note, "decided_by": decided_by,
                "agency": agency, "decided_at": decided_at or utcnow()}
         try:
-            with self.engine.begin() as conn:
+            with self.write_lock, self.engine.begin() as conn:
                 row["seq"] = conn.execute(outcomes.insert().values(**row)).inserted_primary_key[0]
         except IntegrityError:
             raise OutcomeExists(f"score {score_id} already has an outcome") from None
@@ -431,13 +591,7 @@ class AuditStore:
                  .where(scores.c.domain == domain, scores.c.seq > after_seq).order_by(scores.c.seq))
         with self.engine.connect() as conn:
             result = list(conn.execute(query))
-        seen: set[str] = set()
-        rows = []
-        for row in result:
-            if row.event_id not in seen:
-                seen.add(row.event_id)
-                rows.append(row.input_json)
-        return events_frame(domain, rows), (result[-1].seq if result else after_seq)
+        return events_frame(domain, _first_scorings(result)), (result[-1].seq if result else after_seq)
 
     def recent_features(self, domain: str, limit: int = 5000, model_version: str | None = None,
                         ) -> tuple[pd.DataFrame, np.ndarray]:
@@ -452,22 +606,40 @@ class AuditStore:
         feats = pd.DataFrame.from_records([r.features_json for r in rows]) if rows else pd.DataFrame()
         return feats, np.asarray([r.score for r in rows], dtype=np.float64)
 
-    def replay(self, domain: str, after_score_seq: int = 0, after_outcome_seq: int = 0) -> Replay:
-        """Everything of ``domain`` recorded after the two watermarks (labels dated by their decision)."""
-        events, last_score = self.scored_events(domain, after_score_seq)
-        outcomes_only = self.outcome_replay(domain, after_outcome_seq)
-        outcomes_only.events, outcomes_only.last_score_seq = events, last_score
-        return outcomes_only
+    def replay(self, domain: str, score_cursor: SeqCursor | None = None, outcome_cursor: SeqCursor | None = None,
+               ) -> Replay:
+        """Scored events and outcomes of ``domain`` past the cursors (labels dated by their decision).
 
-    def outcome_replay(self, domain: str, after_outcome_seq: int = 0) -> Replay:
-        """Outcomes of ``domain`` recorded after the watermark, as labelled events and cases (no new events)."""
-        decided = self._decided(domain, after_outcome_seq)
-        events = events_frame(domain, [])
-        labelled = _labelled(domain, decided)
-        labelled["label_known_at"] = pd.to_datetime(
-            pd.Series([r.decided_at for r in decided], dtype="object")).astype("datetime64[ns]")
-        return Replay(events=events, labelled=labelled, cases=_cases(domain, decided), last_score_seq=0,
-                      last_outcome_seq=decided[-1].seq if decided else after_outcome_seq)
+        The cursors are not moved: the caller marks ``score_seqs``/``outcome_seqs`` once it applied the replay.
+        Both tables are read in one connection; other domains' rows come back as seqs only.
+        """
+        score_cursor, outcome_cursor = score_cursor or SeqCursor(), outcome_cursor or SeqCursor()
+        mine = scores.c.domain == domain
+        score_q = (sa.select(scores.c.seq, scores.c.event_id, mine.label("mine"),
+                             sa.type_coerce(sa.case((mine, scores.c.input_json)), sa.JSON).label("input_json"))
+                   .where(score_cursor.where(scores.c.seq)).order_by(scores.c.seq))
+        outcome_q = (sa.select(outcomes.c.seq, mine.label("mine"), scores.c.score_id, scores.c.created_at,
+                               sa.type_coerce(sa.case((mine, scores.c.input_json)), sa.JSON).label("input_json"),
+                               outcomes.c.outcome, outcomes.c.note, outcomes.c.decided_at)
+                     .join(scores, outcomes.c.score_id == scores.c.score_id)
+                     .where(outcome_cursor.where(outcomes.c.seq)).order_by(outcomes.c.seq))
+        with self.engine.connect() as conn:
+            score_rows = list(conn.execute(score_q))
+            outcome_rows = list(conn.execute(outcome_q))
+        return Replay(domain=domain, event_rows=_first_scorings([r for r in score_rows if r.mine]),
+                      decided=[r for r in outcome_rows if r.mine], score_seqs=[r.seq for r in score_rows],
+                      outcome_seqs=[r.seq for r in outcome_rows])
+
+
+def _first_scorings(rows: list[sa.Row]) -> list[dict]:
+    """Input of the first scoring of each event id among ``rows`` (oldest first)."""
+    seen: set[str] = set()
+    out = []
+    for row in rows:
+        if row.event_id not in seen:
+            seen.add(row.event_id)
+            out.append(row.input_json)
+    return out
 
 
 CASE_COLUMNS = ["case_id", "entity_kind", "entity_id", "opened_at", "closed_at", "outcome", "source", "note"]

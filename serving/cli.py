@@ -19,13 +19,18 @@ SERVICE = "serving.service:RiskScore"
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 = all).")
 @click.option("--domains", default=None, help="Comma-separated domains to serve [default: $RISKSCORE_DOMAINS or "
               "customs,finance].")
+@click.option("--workers", default=None, type=click.IntRange(1, 64),
+              help="Worker processes [default: $RISKSCORE_WORKERS or 1]; each holds its own online state and catches "
+                   "up with the others through the audit store before scoring.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Check that every domain has a champion before starting the server.")
-def serve_cmd(port: int, host: str, domains: str | None, check: bool) -> None:
+def serve_cmd(port: int, host: str, domains: str | None, workers: int | None, check: bool) -> None:
     """Start the scoring service (``bentoml serve serving.service:RiskScore``) until interrupted."""
     env = dict(os.environ)
     if domains:
         env["RISKSCORE_DOMAINS"] = domains
+    if workers:
+        env["RISKSCORE_WORKERS"] = str(workers)
     if check:
         _preflight(env.get("RISKSCORE_DOMAINS"))
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]

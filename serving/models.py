@@ -216,6 +216,7 @@ class ScoreResponse(BaseModel):
 
 
 BATCHES: dict[str, type[BaseModel]] = {"customs": ShipmentBatch, "finance": TransferBatch}
+ITEMS: dict[str, type[BaseModel]] = {"customs": Declaration, "finance": Transfer}
 
 
 def item_columns(domain: str, items: list[BaseModel]) -> dict[str, np.ndarray]:
@@ -235,6 +236,13 @@ def item_columns(domain: str, items: list[BaseModel]) -> dict[str, np.ndarray]:
         else:
             out[col.name] = np.array(values, dtype=np.float64)
     return out
+
+
+def stored_item_columns(domain: str, rows: list[dict]) -> dict[str, np.ndarray]:
+    """:func:`item_columns` of stored items (``model_dump(mode="json")`` of validated items, as the audit store
+    keeps them), validated again so they take exactly the values they had when scored."""
+    model = ITEMS[domain]
+    return item_columns(domain, [model.model_validate(row) for row in rows])
 
 
 def location(loc: tuple[int | str, ...]) -> str:

@@ -11,6 +11,11 @@ exactly as in training) -> ``bundle.explain`` -> one audit transaction -> respon
 :class:`ScorerRegistry` builds a new scorer fully before swapping it in; requests already holding the
 old scorer's lock finish on it, waiting ones move to the new one, and the new state catches up on
 whatever the old one scored meanwhile, so no scored event is lost from the history.
+
+Several workers (``$RISKSCORE_WORKERS``) and several replicas share one audit store, and each holds its own
+state: before scoring, a scorer catches up with what the others recorded since it last looked
+(:meth:`DomainScorer.catch_up`; ``$RISKSCORE_SYNC_S``), so an item's features count every event committed to
+the audit store before its request, whichever process scored it.
 """
 
 from __future__ import annotations
@@ -33,10 +38,10 @@ from features.domains import events_of
 from features.domains import feature_set as domain_feature_set
 from features.featureset import OnlineFeatures
 from riskscore import config
-from serving.audit import AuditStore, IdempotencyConflict, Replay, jsonable, utcnow
+from serving.audit import AuditStore, IdempotencyConflict, Replay, SeqCursor, jsonable, utcnow
 from serving.domains import domain_info
-from serving.fast_path import DEFAULT_TOP_N, explain, feature_columns_in_time_order, feature_records
-from serving.models import RequestError, item_columns
+from serving.fast_path import DEFAULT_TOP_N, explain, feature_columns_in_time_order, feature_records, ingest_columns
+from serving.models import RequestError, item_columns, stored_item_columns
 
 log = logging.getLogger("riskscore.serving.scorer")
 
@@ -53,6 +58,18 @@ def served_domains() -> list[str]:
     if unknown or not domains:
         raise ServingConfigError(f"RISKSCORE_DOMAINS={raw!r}: use a comma-separated subset of {config.DOMAINS}")
     return domains
+
+
+def sync_interval() -> float:
+    """Seconds between a scorer's catch-ups with the audit store ($RISKSCORE_SYNC_S, default 0: before every
+    scoring request, one indexed read that returns nothing when no other process wrote)."""
+    value = float(os.environ.get("RISKSCORE_SYNC_S", "0"))
+    if value < 0:
+        raise ServingConfigError(f"RISKSCORE_SYNC_S={value:g}: use 0 (every request) or a number of seconds")
+    return value
+
+
+CATCH_UP_FRAME_ROWS = 256  # catch-ups of more events than this go through pandas (bulk loads win there)
 
 
 def top_n() -> int:
@@ -152,8 +169,7 @@ def body_digest(domain: str, body: bytes) -> str:
 class DomainScorer:
     """Champion bundle + online feature state of one domain (see module docstring)."""
 
-    def __init__(self, domain: str, bundle, model_name: str, model_version: str, online: OnlineFeatures,
-                 score_seq: int = 0, outcome_seq: int = 0):
+    def __init__(self, domain: str, bundle, model_name: str, model_version: str, online: OnlineFeatures):
         self.domain = domain
         self.info = domain_info(domain)
         self.bundle = bundle
@@ -164,8 +180,11 @@ class DomainScorer:
         self.lock = threading.RLock()
         self.retired = False
         self.stale = False
-        self.score_seq = score_seq
-        self.outcome_seq = outcome_seq
+        self.score_cursor = SeqCursor()  # audit rows already in the state
+        self.outcome_cursor = SeqCursor()
+        self.on_written = None  # called with the seqs of the score rows this scorer wrote (ScorerRegistry)
+        self.sync_every = sync_interval()
+        self.synced_at = float("-inf")
         self.loaded_at = utcnow()
 
     # -- construction ------------------------------------------------------------------------------------
@@ -188,23 +207,37 @@ class DomainScorer:
         online = fs.online(events, cases)
         known = set(events[fs.id_col].astype(str)) if events is not None else set()
         scorer = cls(domain, bundle, name, version, online)
-        scorer.apply_replay(audit.replay(domain), skip_ids=known)
+        scorer.apply_replay(audit.replay(domain, scorer.score_cursor, scorer.outcome_cursor), skip_ids=known)
         log.info("domain %s: champion %s v%s ready with %d history events in %.1fs", domain, name, version,
                  online.events_seen, time.perf_counter() - started)
         return scorer
 
     def apply_replay(self, replay: Replay, skip_ids: set[str] | None = None) -> None:
-        """Ingest audited events, outcome labels (dated by their decision) and cases into the state."""
-        events = replay.events
-        if skip_ids and len(events):
-            events = events[~events[self.fs.id_col].astype(str).isin(skip_ids)]
-        if len(events):
-            self.online.ingest(events)
-        self._ingest_labels(replay.labelled)
-        if len(replay.cases):
+        """Ingest audited events, outcome labels (dated by their decision) and cases into the state, and move
+        the cursors past what the replay read."""
+        rows = replay.event_rows
+        if skip_ids and rows:
+            rows = [r for r in rows if str(r.get(self.fs.id_col)) not in skip_ids]
+        if len(rows) > CATCH_UP_FRAME_ROWS:
+            self.online.ingest(replay.events if rows is replay.event_rows else
+                               Replay(self.domain, rows, []).events)
+        elif rows:
+            ingest_columns(self.online, stored_item_columns(self.domain, rows))
+        if replay.decided:
+            self._ingest_labels(replay.labelled)
             self.online.ingest_cases(replay.cases)
-        self.score_seq = max(self.score_seq, replay.last_score_seq)
-        self.outcome_seq = max(self.outcome_seq, replay.last_outcome_seq)
+        self.score_cursor.mark(replay.score_seqs)
+        self.outcome_cursor.mark(replay.outcome_seqs)
+
+    def catch_up(self, audit: AuditStore) -> None:
+        """Ingest what other workers and replicas recorded since the last read (caller holds ``self.lock``).
+
+        One cheap query of both tables' highest seq first: with nothing new (one worker, one replica) that is all.
+        """
+        score_head, outcome_head = audit.heads()
+        if self.score_cursor.behind(score_head) or self.outcome_cursor.behind(outcome_head):
+            self.apply_replay(audit.replay(self.domain, self.score_cursor, self.outcome_cursor))
+        self.synced_at = time.monotonic()
 
     def _ingest_labels(self, labelled: pd.DataFrame) -> None:
         """Labels count from ``max(event time + label delay, decision time)``: never before they were known."""
@@ -225,6 +258,8 @@ class DomainScorer:
             stored = audit.find_request(caller.key_id, caller.idempotency_key)
             if stored is not None:
                 return self._replayed(stored, digest)
+        if time.monotonic() - self.synced_at >= self.sync_every:
+            self.catch_up(audit)
         rows = [item.model_dump(mode="json") for item in items]
         feats = feature_columns_in_time_order(self.online, item_columns(self.domain, items))
         explanations = explain(self.bundle, feats, top_n=top_n())
@@ -254,7 +289,7 @@ class DomainScorer:
                        "caller_key_id": caller.key_id, "agency": caller.agency,
                        "idempotency_key": caller.idempotency_key, "body_sha256": digest, "items": len(items)}
         try:
-            audit.record_scores(request_row, audit_rows, response)
+            seqs = audit.record_scores(request_row, audit_rows, response)
         except IdempotencyConflict as conflict:  # pragma: no cover - only with several writers
             self.stale = True
             if conflict.stored is not None:
@@ -263,6 +298,9 @@ class DomainScorer:
         except Exception:
             self.stale = True  # the state ingested events the audit store does not have: rebuild it
             raise
+        self.score_cursor.mark(seqs)  # in the state already: no catch-up reads them back
+        if self.on_written is not None:
+            self.on_written(self, seqs)
         return ScoreResult(response)
 
     def _replayed(self, stored, digest: str) -> ScoreResult:
@@ -275,7 +313,7 @@ class DomainScorer:
                        decided_by: str, agency: str) -> dict:
         """Store a reviewer outcome and feed it to the state as a label and cases (caller holds the lock)."""
         stored = audit.record_outcome(score_row["score_id"], outcome, note, decided_by, agency)
-        self.apply_replay(audit.outcome_replay(self.domain, after_outcome_seq=self.outcome_seq))
+        self.catch_up(audit)
         return stored
 
     def status(self) -> dict[str, Any]:
@@ -317,12 +355,22 @@ class ScorerRegistry:
         self._scorers: dict[str, DomainScorer] = {}
         self._reload_lock = threading.Lock()
 
+    def _written(self, writer: DomainScorer, seqs: list[int]) -> None:
+        """A scorer wrote score rows: the other domains' scorers here have nothing to apply from them."""
+        for scorer in self._scorers.values():
+            if scorer is not writer:
+                scorer.score_cursor.mark(seqs)
+
+    def _adopt(self, scorer: DomainScorer) -> DomainScorer:
+        scorer.on_written = self._written
+        return scorer
+
     def start(self) -> None:
         """Build every domain's scorer; one error listing every domain that cannot be served."""
         errors = []
         for domain in self.domains:
             try:
-                self._scorers = {**self._scorers, domain: DomainScorer.build(domain, self.audit)}
+                self._scorers = {**self._scorers, domain: self._adopt(DomainScorer.build(domain, self.audit))}
             except ServingConfigError as err:
                 errors.append(str(err))
         if errors:
@@ -372,9 +420,9 @@ class ScorerRegistry:
                 if not force and not old.stale and champion[2] == old.model_version and champion[1] == old.model_name:
                     result[domain] = {"version": old.model_version, "changed": False}
                     continue
-                new = DomainScorer.build(domain, self.audit, champion)
+                new = self._adopt(DomainScorer.build(domain, self.audit, champion))
                 with old.lock:  # brief: blocks scoring on the old state while the new one catches up
-                    new.apply_replay(self.audit.replay(domain, new.score_seq, new.outcome_seq))
+                    new.catch_up(self.audit)
                     self._scorers = {**self._scorers, domain: new}
                     old.retired = True
                 log.info("domain %s: swapped champion %s v%s -> v%s", domain, new.model_name, old.model_version,

@@ -32,6 +32,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 import uuid
 from typing import Any
@@ -282,6 +283,11 @@ def stop_server() -> None:
         log.debug("could not stop the server", exc_info=True)
 
 
+def service_workers() -> int:
+    """Worker processes per replica ($RISKSCORE_WORKERS, default 1); each holds its own online state."""
+    return max(1, int(os.environ.get("RISKSCORE_WORKERS", "1")))
+
+
 def _current():
     from _bentoml_sdk.service import get_current_service
 
@@ -293,7 +299,7 @@ def _current():
 
 @bentoml.service(
     name="riskscore",
-    workers=1,  # the online feature state lives in the process: one worker per replica
+    workers=service_workers(),
     traffic={"timeout": 120},
     logging={"access": {"enabled": False}},  # our JSON access line replaces BentoML's plain-text one
 )
@@ -309,6 +315,8 @@ class RiskScore:
         self.reload_errors: dict[str, dict[str, str]] = {}
         self._drift_at = 0.0
         self.audit = AuditStore(background_checkpoint=True)
+        self.reload_seq = self.audit.last_reload_seq()  # earlier reloads are in what this worker loads now
+        self._reload_checked_at = time.monotonic()
         registry = ScorerRegistry(self.domains, self.audit)
         try:
             registry.start()
@@ -332,6 +340,7 @@ class RiskScore:
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _authorize(self, request: Request, permission: str) -> auth.Caller:
+        self._follow_reloads()
         caller = self.keys.authorize(auth.presented_key(request.headers), permission)
         state = _state(request)
         state["key_id"], state["agency"] = caller.key_id, caller.agency
@@ -470,8 +479,9 @@ class RiskScore:
 
     @app.post("/admin/reload")
     async def admin_reload(self, request: Request) -> JSONResponse:
-        """Reload API keys and swap in each domain's current champion (admin)."""
-        self._authorize(request, "admin")
+        """Reload API keys and swap in each domain's current champion (admin); the other workers and replicas on
+        this audit store follow (:meth:`_follow_reloads`)."""
+        caller = self._authorize(request, "admin")
         raw = await read_body(request, max_body_bytes())
         payload = parse_json(raw) if raw.strip() else {}
         if not isinstance(payload, dict) or set(payload) - {"domains", "force"}:
@@ -487,10 +497,25 @@ class RiskScore:
             keys = await run_in_threadpool(auth.load_keys)
         except ValueError as err:
             raise RequestError(409, f"reload failed; the current keys and models keep serving: {err}") from None
+        force = bool(payload.get("force"))
+        result, failed = await run_in_threadpool(self._reload, domains or self.registry.domains, force)
+        seq = await run_in_threadpool(self.audit.request_reload, domains, force, caller.key_id)
+        if seq == self.reload_seq + 1:  # ours is the only new one: no need to follow it here
+            self.reload_seq = seq
+        self.keys = keys  # revocations apply even when a champion failed to load
+        if failed:
+            raise RequestError(409, "reload failed; the current models keep serving: " + "; ".join(
+                f"{d}: {e}" for d, e in failed.items()), [
+                {"loc": f"domains.{d}", "msg": e, "type": "reload_failed"} for d, e in failed.items()])
+        return JSONResponse({"domains": result, "ready": self.registry.status()})
+
+    def _reload(self, domains: list[str], force: bool) -> tuple[dict[str, Any], dict[str, str]]:
+        """Swap in each domain's current champion, one at a time (a broken one does not block the others):
+        ``(results, failures)`` by domain; a failure keeps the previous champion and shows in ``/readyz``."""
         result, failed = {}, {}
-        for domain in domains or self.registry.domains:  # one domain at a time: a broken one does not block others
+        for domain in domains:
             try:
-                result.update(await run_in_threadpool(self.registry.reload, [domain], bool(payload.get("force"))))
+                result.update(self.registry.reload([domain], force))
                 self.reload_errors.pop(domain, None)
             except Exception as err:  # whatever broke (registry, artifact, schema): keep the old one
                 failed[domain] = str(getattr(err, "error", err))
@@ -499,16 +524,45 @@ class RiskScore:
                 metrics()["reload_failures"].labels(domain).inc()
                 log.error("domain %s: reload failed; the previous champion keeps serving: %s", domain,
                           failed[domain], extra={"fields": {"domain": domain}})
-        if failed:
-            raise RequestError(409, "reload failed; the current models keep serving: " + "; ".join(
-                f"{d}: {e}" for d, e in failed.items()), [
-                {"loc": f"domains.{d}", "msg": e, "type": "reload_failed"} for d, e in failed.items()])
-        self.keys = keys
         for domain, change in result.items():
             if change.get("changed"):
                 metrics()["reloads"].labels(domain).inc()
-        return JSONResponse({"domains": result, "ready": self.registry.status()})
+        return result, failed
 
+    def _follow_reloads(self) -> None:
+        """Follow ``POST /admin/reload`` requests that another worker or replica on this audit store answered.
+
+        Checked at most every ``$RISKSCORE_RELOAD_CHECK_S`` seconds (default 1) before authorising a request;
+        new ones swap in the key file at once (revocations apply within about that interval) and reload the
+        champions in a background thread, as the admin route does.
+        """
+        now = time.monotonic()
+        if now - self._reload_checked_at < reload_check_interval():
+            return
+        self._reload_checked_at = now
+        pending = self.audit.reloads_after(self.reload_seq)
+        if not pending:
+            return
+        self.reload_seq = pending[-1].seq
+        served = self.registry.domains
+        if any(row.domains is None for row in pending):
+            domains = list(served)
+        else:
+            domains = [d for d in served if any(d in row.domains for row in pending)]
+        force = any(row.force for row in pending)
+        try:
+            self.keys = auth.load_keys()
+        except ValueError:
+            log.exception("a reload requested elsewhere could not read the keys; the current keys keep serving")
+        log.info("following reload %s requested elsewhere (domains %s, force %s)", self.reload_seq, domains, force)
+        threading.Thread(target=self._reload_followed, args=(domains, force), name="riskscore-reload",
+                         daemon=True).start()
+
+    def _reload_followed(self, domains: list[str], force: bool) -> None:
+        try:
+            self._reload(domains, force)
+        except Exception:  # logged; the current champions keep serving
+            log.exception("a reload requested elsewhere failed")
 
 RiskScore.add_asgi_middleware(ReadyzMiddleware)
 RiskScore.add_asgi_middleware(DriftMiddleware)
@@ -517,6 +571,12 @@ RiskScore.add_asgi_middleware(DriftMiddleware)
 def drift_interval() -> float:
     """Seconds between drift-gauge refreshes: $RISKSCORE_DRIFT_INTERVAL_S (default 30)."""
     return float(os.environ.get("RISKSCORE_DRIFT_INTERVAL_S", "30"))
+
+
+def reload_check_interval() -> float:
+    """Seconds between checks for reloads requested through another worker or replica:
+    $RISKSCORE_RELOAD_CHECK_S (default 1)."""
+    return float(os.environ.get("RISKSCORE_RELOAD_CHECK_S", "1"))
 
 
 def drift_window() -> int:

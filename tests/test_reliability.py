@@ -598,6 +598,76 @@ def test_training_refuses_invalid_data(tmp_path, monkeypatch):
         ).decode("latin-1")
 
 
+# ---------------------------------------------------------------------------------------------- replicas
+
+
+def _features(url: str, headers: dict, score_id: str) -> dict:
+    with httpx.Client(base_url=url, timeout=60) as c:
+        r = c.get(f"/scores/{score_id}", headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()["features"]
+
+
+def _status_streak(url: str, headers: dict, item: dict, want: int, streak: int = 8, tries: int = 120) -> int:
+    """Post ``item`` (fresh id each time, new connection each time so requests spread over the workers) until
+    ``streak`` answers in a row have status ``want``; returns the number of requests (bounded by ``tries``)."""
+    run = 0
+    for i in range(tries):
+        with httpx.Client(base_url=url, timeout=60) as c:
+            r = c.post("/score_transactions", json={"items": [dict(item, transaction_id=f"{item['transaction_id']}"
+                                                                                        f"-{i}")]}, headers=headers)
+        run = run + 1 if r.status_code == want else 0
+        if run == streak:
+            return i + 1
+        time.sleep(0.1)
+    raise AssertionError(f"no {streak} answers {want} in a row after {tries} requests; last {r.status_code}")
+
+
+@server_test
+def test_replicas_on_one_audit_store_see_each_others_events_and_reloads(server: Server, tmp_path):
+    """A second replica (2 workers) on the same audit store: transfers of one new account scored alternately
+    through both count every earlier one, whichever process scored it (catch-up before each request), and a key
+    revoked and reloaded through the first replica is refused by every worker of the second."""
+    path = Path(server.env["RISKSCORE_KEYS_FILE"])
+    temp_key, entry, _ = auth.add_key("financial", "A", path)
+    port = _free_port()
+    log = tmp_path / "replica.log"
+    proc = launch({**server.env, "RISKSCORE_DOMAINS": "finance", "RISKSCORE_WORKERS": "2"}, log, port)
+    other = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(other, proc, log)
+        template = _events(server, "finance", 1, start=5)[0]
+        t0 = pd.Timestamp(template["timestamp"])
+        tag = time.time_ns()
+        route, reviewer = [server.url, other, server.url, other, other, server.url], server.headers("reviewer")
+        seen = []
+        for i, url in enumerate(route):
+            item = dict(template, transaction_id=f"R{tag}-{i}", source_account=f"SRC{tag}",
+                        target_account=f"DST{tag}", timestamp=(t0 + pd.Timedelta(minutes=i)).isoformat())
+            with httpx.Client(base_url=url, timeout=60) as c:
+                r = c.post("/score_transactions", json={"items": [item]}, headers=server.headers("financial"))
+            assert r.status_code == 200, r.text
+            feats = _features(server.url, reviewer, r.json()["items"][0]["score_id"])
+            seen.append((feats["src_out_count"], feats["dst_in_count"], feats["pair_count"]))
+        assert seen == [(float(i), float(i), float(i)) for i in range(len(route))], seen
+        # a key revoked and reloaded through the first replica: the second follows
+        temp = {"Authorization": f"Bearer {temp_key}"}
+        item = dict(template, transaction_id=f"K{tag}")
+        _status_streak(other, temp, item, 200)
+        auth.revoke_key(entry.id, path)
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            assert c.post("/admin/reload", json={"domains": ["finance"]},
+                          headers=server.headers("admin")).status_code == 200
+        _status_streak(other, temp, item, 401)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except Exception:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 # ---------------------------------------------------------------------------------------------- SIGKILL (last)
 
 
@@ -687,6 +757,62 @@ def _audit_rows(request_id: str) -> tuple[dict, list[dict]]:
            "score": 0.5, "band": "medium", "flagged": False, "threshold": 0.7,
            "explanation_json": {"base_value": 0.1, "raw_margin": 0.2, "reasons": [], "contributions": {"f": 0.1}}}
     return request, [row]
+
+
+def test_seq_cursor_rereads_holes_until_they_commit_or_expire():
+    from serving.audit import GAP_WAIT_S, SeqCursor
+
+    now = [0.0]
+    cursor = SeqCursor(clock=lambda: now[0])
+    cursor.mark([2, 1, 5])
+    assert cursor.top == 5 and set(cursor.gaps) == {3, 4}
+    import sqlalchemy as sa
+
+    where = str(cursor.where(sa.column("seq")).compile(compile_kwargs={"literal_binds": True}))
+    assert where == "seq > 5 OR seq IN (3, 4)"
+    cursor.mark([4])
+    assert set(cursor.gaps) == {3}
+    now[0] = GAP_WAIT_S + 1  # seq 3 never committed (a rolled-back insert): given up
+    cursor.mark([])
+    assert cursor.gaps == {} and str(cursor.where(sa.column("seq"))) == "seq > :seq_1"
+
+
+def test_audit_replay_reads_each_row_once_across_domains_and_late_commits(tmp_path):
+    """Replays read past cursors: other domains' rows move the cursor only, rows a writer marked as its own are
+    not read back, and a row committed late below the top (PostgreSQL sequence order) is still read, once."""
+    from serving.audit import AuditStore, SeqCursor
+
+    store = AuditStore(f"sqlite:///{tmp_path / 'audit.db'}")
+
+    def write(request_id: str, seq: int, domain: str = "finance") -> list[int]:
+        request, rows = _audit_rows(request_id)
+        request["domain"] = domain
+        rows[0].update(seq=seq, domain=domain, input_json={"transaction_id": request_id})
+        return store.record_scores(request, rows, response={})
+
+    try:
+        scores, outcomes = SeqCursor(), SeqCursor()
+        write("r1", 1)
+        scores.mark(write("r3", 3))  # this reader wrote r3 itself
+        write("c4", 4, "customs")
+        assert store.heads() == (4, 0)
+        first = store.replay("finance", scores, outcomes)
+        assert [r["transaction_id"] for r in first.event_rows] == ["r1"] and first.score_seqs == [1, 4]
+        scores.mark(first.score_seqs)
+        assert set(scores.gaps) == {2}  # no row 2 yet: waited for
+        write("r5", 5)
+        write("r2", 2)  # took seq 2 before r3 but committed after it
+        store.record_outcome("s-r1", "confirmed", None, "k2", "FIU")
+        assert scores.behind(store.heads()[0]) and outcomes.behind(store.heads()[1])
+        second = store.replay("finance", scores, outcomes)
+        assert [r["transaction_id"] for r in second.event_rows] == ["r2", "r5"] and second.score_seqs == [2, 5]
+        assert [r.score_id for r in second.decided] == ["s-r1"] and second.outcome_seqs == [1]
+        scores.mark(second.score_seqs)
+        outcomes.mark(second.outcome_seqs)
+        third = store.replay("finance", scores, outcomes)
+        assert third.event_rows == [] and third.decided == [] and third.score_seqs == []
+    finally:
+        store.close()
 
 
 def test_background_wal_checkpoint_moves_commits_into_the_database_file(tmp_path, monkeypatch):
