@@ -3,16 +3,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-# The browser test (tests/test_review_page.py) drives Debian's chromium: install it when missing and allowed
-# (root or password-less sudo); otherwise that test skips with the reason (and fails when CI is set).
-if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+# System packages some tests drive: Debian's chromium (tests/test_review_page.py, the browser test) and a
+# PostgreSQL server (tests/test_postgres.py, the audit store shared by replicas). Installed when missing and
+# allowed (root or password-less sudo); otherwise those tests skip with the reason (and fail when CI is set).
+MISSING=()
+command -v chromium >/dev/null 2>&1 || MISSING+=(chromium)
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  MISSING+=(postgresql)
+fi
+if [ "${#MISSING[@]}" -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO="-"; fi
   if [ "$SUDO" != "-" ]; then
     { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q \
-      && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >/dev/null \
-      || echo "test.sh: installing chromium failed; the browser test will skip (fail under CI)" >&2
+      && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${MISSING[@]}"; } >/dev/null \
+      || echo "test.sh: installing ${MISSING[*]} failed; their tests will skip (fail under CI)" >&2
   else
-    echo "test.sh: chromium is missing and neither root nor sudo is available; the browser test will skip" >&2
+    echo "test.sh: ${MISSING[*]} missing and neither root nor sudo is available; their tests will skip" >&2
   fi
 fi
 .venv/bin/ruff check .

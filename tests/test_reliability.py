@@ -623,6 +623,26 @@ def _status_streak(url: str, headers: dict, item: dict, want: int, streak: int =
     raise AssertionError(f"no {streak} answers {want} in a row after {tries} requests; last {r.status_code}")
 
 
+def count_across_replicas(server: Server, route: list[str]) -> dict:
+    """Score transfers of one new account pair through the servers of ``route`` in turn (one minute apart) and
+    check that each counts every earlier one (``src_out_count``, ``dst_in_count``, ``pair_count`` = 0, 1, 2...),
+    read back through the first server; returns the item template used."""
+    template = _events(server, "finance", 1, start=5)[0]
+    t0 = pd.Timestamp(template["timestamp"])
+    tag = time.time_ns()
+    seen = []
+    for i, url in enumerate(route):
+        item = dict(template, transaction_id=f"R{tag}-{i}", source_account=f"SRC{tag}", target_account=f"DST{tag}",
+                    timestamp=(t0 + pd.Timedelta(minutes=i)).isoformat())
+        with httpx.Client(base_url=url, timeout=60) as c:
+            r = c.post("/score_transactions", json={"items": [item]}, headers=server.headers("financial"))
+        assert r.status_code == 200, r.text
+        feats = _features(route[0], server.headers("reviewer"), r.json()["items"][0]["score_id"])
+        seen.append((feats["src_out_count"], feats["dst_in_count"], feats["pair_count"]))
+    assert seen == [(float(i), float(i), float(i)) for i in range(len(route))], seen
+    return template
+
+
 @server_test
 def test_replicas_on_one_audit_store_see_each_others_events_and_reloads(server: Server, tmp_path):
     """A second replica (2 workers) on the same audit store: transfers of one new account scored alternately
@@ -636,23 +656,10 @@ def test_replicas_on_one_audit_store_see_each_others_events_and_reloads(server: 
     other = f"http://127.0.0.1:{port}"
     try:
         wait_ready(other, proc, log)
-        template = _events(server, "finance", 1, start=5)[0]
-        t0 = pd.Timestamp(template["timestamp"])
-        tag = time.time_ns()
-        route, reviewer = [server.url, other, server.url, other, other, server.url], server.headers("reviewer")
-        seen = []
-        for i, url in enumerate(route):
-            item = dict(template, transaction_id=f"R{tag}-{i}", source_account=f"SRC{tag}",
-                        target_account=f"DST{tag}", timestamp=(t0 + pd.Timedelta(minutes=i)).isoformat())
-            with httpx.Client(base_url=url, timeout=60) as c:
-                r = c.post("/score_transactions", json={"items": [item]}, headers=server.headers("financial"))
-            assert r.status_code == 200, r.text
-            feats = _features(server.url, reviewer, r.json()["items"][0]["score_id"])
-            seen.append((feats["src_out_count"], feats["dst_in_count"], feats["pair_count"]))
-        assert seen == [(float(i), float(i), float(i)) for i in range(len(route))], seen
+        template = count_across_replicas(server, [server.url, other, server.url, other, other, server.url])
         # a key revoked and reloaded through the first replica: the second follows
         temp = {"Authorization": f"Bearer {temp_key}"}
-        item = dict(template, transaction_id=f"K{tag}")
+        item = dict(template, transaction_id=f"K{time.time_ns()}")
         _status_streak(other, temp, item, 200)
         auth.revoke_key(entry.id, path)
         with httpx.Client(base_url=server.url, timeout=120) as c:
