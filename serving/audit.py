@@ -171,11 +171,12 @@ class SeqCursor:
         """Whether rows may be unread, given the table's highest seq ``head``."""
         return head > self.top or bool(self.gaps)
 
-    def where(self, column: sa.ColumnElement) -> sa.ColumnElement:
-        """Rows not applied yet: above the top, or in a hole."""
+    def where(self, column: sa.ColumnElement) -> list[sa.ColumnElement]:
+        """Rows not applied yet, as one condition per query: above the top, and (if any) in a hole. Two queries,
+        not one ``OR``: with the ``OR`` SQLite scanned the whole table instead of two primary-key lookups."""
         with self._lock:
             top, gaps = self.top, sorted(self.gaps)
-        return column > top if not gaps else sa.or_(column > top, column.in_(gaps))
+        return [column > top, column.in_(gaps)] if gaps else [column > top]
 
     def mark(self, seqs: list[int]) -> None:
         """Record rows as applied (any order); holes below a new top are remembered, old ones expire."""
@@ -615,17 +616,17 @@ class AuditStore:
         """
         score_cursor, outcome_cursor = score_cursor or SeqCursor(), outcome_cursor or SeqCursor()
         mine = scores.c.domain == domain
-        score_q = (sa.select(scores.c.seq, scores.c.event_id, mine.label("mine"),
-                             sa.type_coerce(sa.case((mine, scores.c.input_json)), sa.JSON).label("input_json"))
-                   .where(score_cursor.where(scores.c.seq)).order_by(scores.c.seq))
+        score_q = sa.select(scores.c.seq, scores.c.event_id, mine.label("mine"),
+                            sa.type_coerce(sa.case((mine, scores.c.input_json)), sa.JSON).label("input_json"))
         outcome_q = (sa.select(outcomes.c.seq, mine.label("mine"), scores.c.score_id, scores.c.created_at,
                                sa.type_coerce(sa.case((mine, scores.c.input_json)), sa.JSON).label("input_json"),
                                outcomes.c.outcome, outcomes.c.note, outcomes.c.decided_at)
-                     .join(scores, outcomes.c.score_id == scores.c.score_id)
-                     .where(outcome_cursor.where(outcomes.c.seq)).order_by(outcomes.c.seq))
+                     .join(scores, outcomes.c.score_id == scores.c.score_id))
         with self.engine.connect() as conn:
-            score_rows = list(conn.execute(score_q))
-            outcome_rows = list(conn.execute(outcome_q))
+            score_rows = sorted((row for cond in score_cursor.where(scores.c.seq)
+                                 for row in conn.execute(score_q.where(cond))), key=lambda r: r.seq)
+            outcome_rows = sorted((row for cond in outcome_cursor.where(outcomes.c.seq)
+                                   for row in conn.execute(outcome_q.where(cond))), key=lambda r: r.seq)
         return Replay(domain=domain, event_rows=_first_scorings([r for r in score_rows if r.mine]),
                       decided=[r for r in outcome_rows if r.mine], score_seqs=[r.seq for r in score_rows],
                       outcome_seqs=[r.seq for r in outcome_rows])
