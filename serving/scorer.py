@@ -63,9 +63,13 @@ def served_domains() -> list[str]:
 def sync_interval() -> float:
     """Seconds between a scorer's catch-ups with the audit store ($RISKSCORE_SYNC_S, default 0: before every
     scoring request, one indexed read that returns nothing when no other process wrote)."""
-    value = float(os.environ.get("RISKSCORE_SYNC_S", "0"))
-    if value < 0:
-        raise ServingConfigError(f"RISKSCORE_SYNC_S={value:g}: use 0 (every request) or a number of seconds")
+    raw = os.environ.get("RISKSCORE_SYNC_S", "0")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ServingConfigError(f"RISKSCORE_SYNC_S={raw!r}: use 0 (every request) or a number of seconds")
     return value
 
 

@@ -540,7 +540,11 @@ class RiskScore:
         if now - self._reload_checked_at < reload_check_interval():
             return
         self._reload_checked_at = now
-        pending = self.audit.reloads_after(self.reload_seq)
+        try:
+            pending = self.audit.reloads_after(self.reload_seq)
+        except Exception:  # the store is unreachable: scoring will say so; other routes go on
+            log.warning("could not check for reloads requested elsewhere", exc_info=True)
+            return
         if not pending:
             return
         self.reload_seq = pending[-1].seq
