@@ -15,7 +15,8 @@ whatever the old one scored meanwhile, so no scored event is lost from the histo
 Several workers (``$RISKSCORE_WORKERS``) and several replicas share one audit store, and each holds its own
 state: before scoring, a scorer catches up with what the others recorded since it last looked
 (:meth:`DomainScorer.catch_up`; ``$RISKSCORE_SYNC_S``), so an item's features count every event committed to
-the audit store before its request, whichever process scored it.
+the audit store before its request, whichever process scored it. Idle scorers catch up in the background
+(``$RISKSCORE_IDLE_SYNC_S``), so a request after a quiet spell does not carry the backlog.
 """
 
 from __future__ import annotations
@@ -71,6 +72,15 @@ def sync_interval() -> float:
     if not value >= 0:
         raise ServingConfigError(f"RISKSCORE_SYNC_S={raw!r}: use 0 (every request) or a number of seconds")
     return value
+
+
+def idle_sync_interval() -> float:
+    """Seconds after which an idle scorer catches up in the background ($RISKSCORE_IDLE_SYNC_S, default 1; 0 = never),
+    so a worker or replica that got no requests for a while does not ingest the whole backlog inside its next one."""
+    try:
+        return max(0.0, float(os.environ.get("RISKSCORE_IDLE_SYNC_S", "1")))
+    except ValueError:
+        raise ServingConfigError("RISKSCORE_IDLE_SYNC_S: use a number of seconds (0 = never)") from None
 
 
 CATCH_UP_FRAME_ROWS = 256  # catch-ups of more events than this go through pandas (bulk loads win there)
@@ -358,6 +368,7 @@ class ScorerRegistry:
         self.audit = audit
         self._scorers: dict[str, DomainScorer] = {}
         self._reload_lock = threading.Lock()
+        self._stop = threading.Event()
 
     def _written(self, writer: DomainScorer, seqs: list[int]) -> None:
         """A scorer wrote score rows: the other domains' scorers here have nothing to apply from them."""
@@ -380,6 +391,26 @@ class ScorerRegistry:
         if errors:
             raise ServingConfigError("cannot start the scoring service:\n  " + "\n  ".join(errors))
         freeze_heap()
+        if (every := idle_sync_interval()) > 0:
+            threading.Thread(target=self._sync_idle, args=(every,), name="riskscore-idle-sync", daemon=True).start()
+
+    def _sync_idle(self, every: float) -> None:
+        """Catch up every scorer that has not synced for ``every`` seconds and is free (never waits for a request)."""
+        while not self._stop.wait(every / 2):
+            for scorer in list(self._scorers.values()):
+                if time.monotonic() - scorer.synced_at < every or not scorer.lock.acquire(blocking=False):
+                    continue
+                try:
+                    if not scorer.retired:
+                        scorer.catch_up(self.audit)
+                except Exception:  # logged; the next request catches up again
+                    log.warning("domain %s: background catch-up failed", scorer.domain, exc_info=True)
+                finally:
+                    scorer.lock.release()
+
+    def stop(self) -> None:
+        """Stop the background catch-up."""
+        self._stop.set()
 
     def get(self, domain: str) -> DomainScorer:
         scorer = self._scorers.get(domain)

@@ -335,7 +335,8 @@ class RiskScore:
 
     @bentoml.on_shutdown
     def close(self) -> None:
-        """Release the audit store's connections (SQLite checkpoints its WAL)."""
+        """Stop the background catch-up and release the audit store's connections (SQLite checkpoints its WAL)."""
+        self.registry.stop()
         self.audit.close()
 
     # -- helpers ---------------------------------------------------------------------------------------

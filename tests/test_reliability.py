@@ -657,6 +657,19 @@ def test_replicas_on_one_audit_store_see_each_others_events_and_reloads(server: 
     try:
         wait_ready(other, proc, log)
         template = count_across_replicas(server, [server.url, other, server.url, other, other, server.url])
+        # an idle replica catches up in the background: the first server, given no request, ingests what the
+        # second scored within about a second ($RISKSCORE_IDLE_SYNC_S)
+        def history_events() -> int:
+            return httpx.get(f"{server.url}/readyz", timeout=30).json()["domains"]["finance"]["history_events"]
+
+        before, batch = history_events(), [dict(template, transaction_id=f"I{time.time_ns()}-{i}") for i in range(20)]
+        with httpx.Client(base_url=other, timeout=60) as c:
+            r = c.post("/score_transactions", json={"items": batch}, headers=server.headers("financial"))
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 20
+        while history_events() < before + len(batch):
+            assert time.monotonic() < deadline, "the idle replica did not catch up in the background"
+            time.sleep(0.2)
         # a key revoked and reloaded through the first replica: the second follows
         temp = {"Authorization": f"Bearer {temp_key}"}
         item = dict(template, transaction_id=f"K{time.time_ns()}")
