@@ -164,8 +164,8 @@ class SeqCursor:
     wrote (:meth:`AuditStore.record_scores` returns their seqs). Thread-safe.
     """
 
-    def __init__(self, top: int = 0, clock=time.monotonic):
-        self.top = top
+    def __init__(self, clock=time.monotonic):
+        self.top = 0
         self.gaps: dict[int, float] = {}
         self.clock = clock
         self._lock = threading.Lock()
@@ -373,7 +373,7 @@ class AuditStore:
         self.engine = _engine(self.url, autocheckpoint=not background)
         metadata.create_all(self.engine)
         self._checkpointer = WalCheckpointer(self.engine, checkpoint_interval()) if background else None
-        self.write_lock = WriteLock(sqlite_file(self.url) if on_file else None)
+        self.write_lock = WriteLock(sqlite_file(self.url))
 
     def close(self) -> None:
         if self._checkpointer is not None:
@@ -595,14 +595,6 @@ class AuditStore:
     def export_labelled_events(self, domain: str, after_outcome_seq: int = 0) -> pd.DataFrame:
         """Scored events with their reviewer outcome as the label column (1 = confirmed), contract dtypes."""
         return _labelled(domain, self._decided(domain, after_outcome_seq))
-
-    def scored_events(self, domain: str, after_seq: int = 0) -> tuple[pd.DataFrame, int]:
-        """Events scored after ``after_seq`` (first scoring of each id) in contract dtypes, and the last seq."""
-        query = (sa.select(scores.c.seq, scores.c.event_id, scores.c.input_json)
-                 .where(scores.c.domain == domain, scores.c.seq > after_seq).order_by(scores.c.seq))
-        with self.engine.connect() as conn:
-            result = list(conn.execute(query))
-        return events_frame(domain, _first_scorings(result)), (result[-1].seq if result else after_seq)
 
     def recent_features(self, domain: str, limit: int = 5000, model_version: str | None = None,
                         ) -> tuple[pd.DataFrame, np.ndarray]:

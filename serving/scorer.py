@@ -39,7 +39,7 @@ from features.domains import events_of
 from features.domains import feature_set as domain_feature_set
 from features.featureset import OnlineFeatures
 from riskscore import config
-from serving.audit import AuditStore, IdempotencyConflict, Replay, SeqCursor, jsonable, utcnow
+from serving.audit import AuditStore, IdempotencyConflict, Replay, SeqCursor, events_frame, jsonable, utcnow
 from serving.domains import domain_info
 from serving.fast_path import DEFAULT_TOP_N, explain, feature_columns_in_time_order, feature_records, ingest_columns
 from serving.models import RequestError, item_columns, stored_item_columns
@@ -233,8 +233,7 @@ class DomainScorer:
         if skip_ids and rows:
             rows = [r for r in rows if str(r.get(self.fs.id_col)) not in skip_ids]
         if len(rows) > CATCH_UP_FRAME_ROWS:
-            self.online.ingest(replay.events if rows is replay.event_rows else
-                               Replay(self.domain, rows, []).events)
+            self.online.ingest(events_frame(self.domain, rows))
         elif rows:
             ingest_columns(self.online, stored_item_columns(self.domain, rows))
         if replay.decided:

@@ -569,6 +569,7 @@ class RiskScore:
         except Exception:  # logged; the current champions keep serving
             log.exception("a reload requested elsewhere failed")
 
+
 RiskScore.add_asgi_middleware(ReadyzMiddleware)
 RiskScore.add_asgi_middleware(DriftMiddleware)
 

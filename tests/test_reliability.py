@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving import auth
+from serving import auth, local_server
 from tests import test_service
 from tests.test_properties import json_values
 from tests.test_service import Server, _events, _free_port, launch, server_test, wait_ready
@@ -680,12 +680,7 @@ def test_replicas_on_one_audit_store_see_each_others_events_and_reloads(server: 
                           headers=server.headers("admin")).status_code == 200
         _status_streak(other, temp, item, 401)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except Exception:
-            proc.kill()
-            proc.wait(timeout=10)
+        local_server.stop(proc)
 
 
 # ---------------------------------------------------------------------------------------------- SIGKILL (last)
@@ -734,12 +729,7 @@ def test_sigkill_mid_load_then_restart_keeps_audit_consistent(server: Server):
         print(f"\nkill test: pids {killed}, sent {len(result.sent)}, before kill {dict(before)}, "
               f"retried {sum(s.retried for s in result.sent)} (replayed {replayed}), audit rows {len(returned)}")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except Exception:
-            proc.kill()
-            proc.wait(timeout=10)
+        local_server.stop(proc)
 
 
 
