@@ -164,8 +164,8 @@ class SeqCursor:
     wrote (:meth:`AuditStore.record_scores` returns their seqs). Thread-safe.
     """
 
-    def __init__(self, clock=time.monotonic):
-        self.top = 0
+    def __init__(self, clock=time.monotonic, start: int = 0):
+        self.top = start  # rows up to ``start`` count as applied (a reader that only wants what comes next)
         self.gaps: dict[int, float] = {}
         self.clock = clock
         self._lock = threading.Lock()
@@ -409,6 +409,16 @@ class AuditStore:
             if key is None:
                 raise
             raise IdempotencyConflict(self.find_request(request["caller_key_id"], key)) from None
+
+    def requests_after(self, cursor: SeqCursor) -> tuple[list[tuple[str, float]], list[int]]:
+        """Scoring requests whose score rows are past ``cursor``: ``(caller key id, epoch seconds)`` per request
+        (its first item's row) and every seq read, for :mod:`serving.usage`. The cursor is not moved."""
+        query = sa.select(scores.c.seq, scores.c.caller_key_id, scores.c.created_at, scores.c.item_index)
+        with self.engine.connect() as conn:
+            rows = sorted((row for cond in cursor.where(scores.c.seq) for row in conn.execute(query.where(cond))),
+                          key=lambda r: r.seq)
+        made = [(r.caller_key_id, r.created_at.replace(tzinfo=dt.UTC).timestamp()) for r in rows if r.item_index == 0]
+        return made, [r.seq for r in rows]
 
     def heads(self) -> tuple[int, int]:
         """The highest seq of the scores and of the outcomes table (0 when empty), in one query.

@@ -11,6 +11,9 @@ compared by hash with :func:`hmac.compare_digest` against every entry; a key is 
 Rate limits: every key has a token bucket (:class:`RateLimiter`): ``$RISKSCORE_RATE_LIMIT`` requests per
 second (default 100; ``0`` = off) with bursts of ``$RISKSCORE_RATE_BURST`` (default 5 x the rate, at least 1).
 A key entry may carry its own ``"rate"`` and ``"burst"``; past the limit a request gets 429 with ``Retry-After``.
+Each worker holds the buckets in memory and also charges them with the scoring requests that other workers and
+replicas recorded in the shared audit store (:meth:`RateLimiter.charge`, ``serving.usage``), so a key's limit holds
+across the deployment.
 """
 
 from __future__ import annotations
@@ -81,6 +84,9 @@ class KeyEntry:
                                       or not math.isfinite(value) or value < 0):
                 raise ValueError(f"a key entry's {name} must be a number >= 0")
 
+    def caller(self) -> Caller:
+        return Caller(key_id=self.id, role=self.role, agency=self.agency, rate=self.rate, burst=self.burst)
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -110,9 +116,10 @@ def default_rate() -> tuple[float, float | None]:
 
 
 class RateLimiter:
-    """Token buckets per key id (thread-safe, in process memory; one bucket per key per service worker)."""
+    """Token buckets per key id (thread-safe, in process memory), on the wall clock so that requests recorded by
+    other processes can be charged at the time they were made (:meth:`charge`)."""
 
-    def __init__(self, rate: float | None = None, burst: float | None = None, clock=time.monotonic):
+    def __init__(self, rate: float | None = None, burst: float | None = None, clock=time.time):
         env_rate, env_burst = default_rate()
         self.rate = env_rate if rate is None else rate
         self.burst = env_burst if burst is None else burst
@@ -127,22 +134,41 @@ class RateLimiter:
             burst = rate * DEFAULT_BURST_FACTOR
         return rate, max(burst, 1.0)
 
+    def limited(self, caller: Caller) -> bool:
+        return self.limits(caller)[0] > 0
+
+    def _refilled(self, key_id: str, rate: float, burst: float, at: float) -> tuple[float, float]:
+        """The bucket's tokens at ``at`` (never earlier than its last change) and that time."""
+        tokens, last = self._buckets.get(key_id, (burst, at))
+        when = max(at, last)
+        return min(burst, tokens + (when - last) * rate), when
+
     def take(self, caller: Caller) -> None:
         """Spend one token of the caller's bucket; :class:`AuthError` 429 with ``Retry-After`` when empty."""
         rate, burst = self.limits(caller)
         if rate <= 0:
             return
         with self._lock:
-            now = self.clock()
-            tokens, last = self._buckets.get(caller.key_id, (burst, now))
-            tokens = min(burst, tokens + (now - last) * rate)
+            tokens, when = self._refilled(caller.key_id, rate, burst, self.clock())
             if tokens >= 1.0:
-                self._buckets[caller.key_id] = (tokens - 1.0, now)
+                self._buckets[caller.key_id] = (tokens - 1.0, when)
                 return
-            self._buckets[caller.key_id] = (tokens, now)
+            self._buckets[caller.key_id] = (tokens, when)
         wait = max(1, math.ceil((1.0 - tokens) / rate))
         raise AuthError(429, f"rate limit of {rate:g} requests/s for this key exceeded; retry in {wait}s",
                         retry_after=wait)
+
+    def charge(self, caller: Caller, at: float) -> None:
+        """Spend one token for a request the caller made at wall time ``at`` in another worker or replica.
+
+        The bucket is refilled up to ``at`` first (up to its last change if that is later, and never past now),
+        and may go below zero: the key then waits until the deployment as a whole is back under its limit."""
+        rate, burst = self.limits(caller)
+        if rate <= 0:
+            return
+        with self._lock:
+            tokens, when = self._refilled(caller.key_id, rate, burst, min(at, self.clock()))
+            self._buckets[caller.key_id] = (tokens - 1.0, when)
 
 
 def hash_key(key: str) -> str:
@@ -173,7 +199,14 @@ class KeyStore:
                 found = entry
         if found is None:
             raise AuthError(401, "invalid API key")
-        return Caller(key_id=found.id, role=found.role, agency=found.agency, rate=found.rate, burst=found.burst)
+        return found.caller()
+
+    def caller(self, key_id: str) -> Caller | None:
+        """The caller owning key id ``key_id`` (None if no configured key has it)."""
+        for entry in self.entries:
+            if entry.id == key_id:
+                return entry.caller()
+        return None
 
     def authorize(self, presented: str | None, permission: str) -> Caller:
         """Authenticate, then 403 unless the caller's role grants ``permission``."""

@@ -28,6 +28,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -362,9 +363,10 @@ def _freeze_after_full_collection(phase: str, info: dict) -> None:
 class ScorerRegistry:
     """The live scorer of each served domain; reload swaps a fully built replacement atomically."""
 
-    def __init__(self, domains: list[str], audit: AuditStore):
+    def __init__(self, domains: list[str], audit: AuditStore, on_written: Callable[[list[int]], None] | None = None):
         self.domains = list(domains)
         self.audit = audit
+        self.on_written = on_written  # told the seqs of every score row written here (serving.usage)
         self._scorers: dict[str, DomainScorer] = {}
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
@@ -374,6 +376,8 @@ class ScorerRegistry:
         for scorer in self._scorers.values():
             if scorer is not writer:
                 scorer.score_cursor.mark(seqs)
+        if self.on_written is not None:
+            self.on_written(seqs)
 
     def _adopt(self, scorer: DomainScorer) -> DomainScorer:
         scorer.on_written = self._written

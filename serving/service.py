@@ -48,6 +48,7 @@ from serving.domains import DOMAINS, domain_info
 from serving.models import OutcomeIn, RequestError, max_body_bytes, parse_batch, parse_json, parse_model
 from serving.review import app as review_app
 from serving.scorer import BUSY, RequestMeta, ScorerRegistry, ServingConfigError, served_domains
+from serving.usage import SharedUsage
 from training.drift import drift_report, drift_summary
 
 log = logging.getLogger("riskscore.serving")
@@ -315,9 +316,10 @@ class RiskScore:
         self.reload_errors: dict[str, dict[str, str]] = {}
         self._drift_at = 0.0
         self.audit = AuditStore(background_checkpoint=True)
+        self.usage = SharedUsage(self.audit, self.limiter, lambda: self.keys)
         self.reload_seq = self.audit.last_reload_seq()  # earlier reloads are in what this worker loads now
         self._reload_checked_at = time.monotonic()
-        registry = ScorerRegistry(self.domains, self.audit)
+        registry = ScorerRegistry(self.domains, self.audit, on_written=self.usage.written)
         try:
             registry.start()
         except ServingConfigError as err:
@@ -345,6 +347,8 @@ class RiskScore:
         caller = self.keys.authorize(auth.presented_key(request.headers), permission)
         state = _state(request)
         state["key_id"], state["agency"] = caller.key_id, caller.agency
+        if self.limiter.limited(caller):
+            self.usage.follow()  # what this key (and every other) scored through other workers and replicas
         self.limiter.take(caller)
         return caller
 

@@ -8,12 +8,13 @@ installs both).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-from serving import local_server
+from serving import auth, local_server
 from tests import postgres_server, test_service
-from tests.test_reliability import _audit_rows, count_across_replicas
+from tests.test_reliability import _audit_rows, accepted_across_replicas, count_across_replicas
 from tests.test_service import Server, launch, server_test, wait_ready
 
 server = test_service.server  # the module-scoped fixture: its registry, keys and data (its own server is unused)
@@ -125,8 +126,10 @@ def test_outcomes_reloads_and_cases_on_postgres(store):
 @server_test
 def test_two_replicas_share_a_postgres_audit_store(server: Server, pg_url, tmp_path):
     """Two service replicas (the second with 2 workers) on one PostgreSQL audit store: each counts the transfers
-    scored through the other, and the stored scores read back through either."""
+    scored through the other, the stored scores read back through either, and a key's rate limit holds across
+    the three workers."""
     env = {**server.env, "RISKSCORE_AUDIT_URL": pg_url, "RISKSCORE_DOMAINS": "finance"}
+    limited = auth.add_key("financial", "L", Path(server.env["RISKSCORE_KEYS_FILE"]), rate=0.01, burst=4)[0]
     procs, urls = [], []
     try:
         for workers in (1, 2):
@@ -134,7 +137,8 @@ def test_two_replicas_share_a_postgres_audit_store(server: Server, pg_url, tmp_p
             procs.append(launch({**env, "RISKSCORE_WORKERS": str(workers)}, log, port))
             urls.append(f"http://127.0.0.1:{port}")
             wait_ready(urls[-1], procs[-1], log)
-        count_across_replicas(server, [urls[0], urls[1], urls[1], urls[0], urls[1]])
+        template = count_across_replicas(server, [urls[0], urls[1], urls[1], urls[0], urls[1]])
+        assert accepted_across_replicas(urls, limited, template, 10) == 4
     finally:
         for proc in procs:
             local_server.stop(proc)

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from serving import auth
@@ -303,6 +303,55 @@ def test_token_bucket_never_exceeds_rate_plus_burst(rate: float, burst: int, ste
     assert allowed <= burst + rate * (clock.now - start) + 1e-9
     other = auth.Caller("k2", "customs", "A")  # buckets are per key
     limiter.take(other)
+
+
+@SETTINGS
+@given(rate=st.floats(0.1, 100), burst=st.integers(1, 20),
+       steps=st.lists(st.tuples(st.integers(0, 2), st.floats(0, 2)), max_size=60))
+@example(rate=0.1, burst=2, steps=[(0, 0.0), (1, 0.0), (2, 0.0), (0, 0.5), (1, 0.1), (2, 0.1)])
+def test_shared_buckets_hold_the_limit_across_processes(rate: float, burst: int, steps: list[tuple[int, float]]):
+    """Three workers, each charging the others' accepted requests before it checks one of its own (what
+    serving.usage does): together they never accept more than one bucket would."""
+    clock = FakeClock()
+    workers = [auth.RateLimiter(rate=rate, burst=burst, clock=clock) for _ in range(3)]
+    caller = auth.Caller("k1", "financial", "A")
+    accepted: list[tuple[int, float]] = []  # (worker, time)
+    seen = [0, 0, 0]  # how much of ``accepted`` each worker has charged
+    start = clock.now
+    for worker, step in steps:
+        clock.now += step
+        for who, at in accepted[seen[worker]:]:
+            if who != worker:
+                workers[worker].charge(caller, at)
+        seen[worker] = len(accepted)
+        try:
+            workers[worker].take(caller)
+            accepted.append((worker, clock.now))
+        except auth.AuthError as err:
+            assert err.status == 429 and err.retry_after >= 1
+    assert len(accepted) <= burst + rate * (clock.now - start) + 1e-6
+
+
+def test_charges_of_requests_made_long_ago_are_refilled():
+    """An idle worker learning of another's earlier requests charges them at the time they were made: a key that
+    stayed under its rate overall is not refused."""
+    clock = FakeClock()
+    limiter = auth.RateLimiter(rate=1, burst=5, clock=clock)
+    caller = auth.Caller("k", "financial", "A")
+    for i in range(5):  # five requests 10..6 s ago through another worker: under 1/s overall
+        limiter.charge(caller, clock.now - 10 + i)
+    limiter.take(caller)
+    for _ in range(5):  # five just now elsewhere: the bucket is empty
+        limiter.charge(caller, clock.now)
+    with pytest.raises(auth.AuthError) as err:
+        limiter.take(caller)
+    assert err.value.status == 429
+    limiter.charge(caller, clock.now + 60)  # a clock ahead of this one: charged now, not in the future
+    clock.now += 3.5  # -2 tokens + 3.5 refilled
+    limiter.take(caller)
+    unlimited = auth.Caller("u", "admin", "A", rate=0)
+    limiter.charge(unlimited, clock.now)
+    limiter.take(unlimited)
 
 
 def test_rate_limit_from_env_and_per_key_override(monkeypatch):

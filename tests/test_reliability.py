@@ -643,13 +643,30 @@ def count_across_replicas(server: Server, route: list[str]) -> dict:
     return template
 
 
+def accepted_across_replicas(urls: list[str], key: str, template: dict, requests: int) -> int:
+    """Post ``requests`` single transfers with ``key`` through the servers of ``urls`` in turn (a new connection
+    each, so a replica's workers share them); how many were accepted. The others must be 429 with Retry-After."""
+    accepted = 0
+    for i in range(requests):
+        item = dict(template, transaction_id=f"L{time.time_ns()}-{i}")
+        r = httpx.post(f"{urls[i % len(urls)]}/score_transactions", json={"items": [item]},
+                       headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        if r.status_code == 200:
+            accepted += 1
+        else:
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, (r.status_code, r.text)
+    return accepted
+
+
 @server_test
 def test_replicas_on_one_audit_store_see_each_others_events_and_reloads(server: Server, tmp_path):
     """A second replica (2 workers) on the same audit store: transfers of one new account scored alternately
-    through both count every earlier one, whichever process scored it (catch-up before each request), and a key
-    revoked and reloaded through the first replica is refused by every worker of the second."""
+    through both count every earlier one, whichever process scored it (catch-up before each request); a key's
+    rate limit holds across all three workers; and a key revoked and reloaded through the first replica is
+    refused by every worker of the second."""
     path = Path(server.env["RISKSCORE_KEYS_FILE"])
     temp_key, entry, _ = auth.add_key("financial", "A", path)
+    limited = _add_keys(server, [("financial", "L")], rate=0.01, burst=4)[0]  # the first server reloads keys
     port = _free_port()
     log = tmp_path / "replica.log"
     proc = launch({**server.env, "RISKSCORE_DOMAINS": "finance", "RISKSCORE_WORKERS": "2"}, log, port)
@@ -657,6 +674,8 @@ def test_replicas_on_one_audit_store_see_each_others_events_and_reloads(server: 
     try:
         wait_ready(other, proc, log)
         template = count_across_replicas(server, [server.url, other, server.url, other, other, server.url])
+        # one bucket for the deployment: each worker charges what the others recorded (per worker it would be 12)
+        assert accepted_across_replicas([server.url, other], limited, template, 10) == 4
         # an idle replica catches up in the background: the first server, given no request, ingests what the
         # second scored within about a second ($RISKSCORE_IDLE_SYNC_S)
         def history_events() -> int:
