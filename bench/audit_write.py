@@ -1,8 +1,10 @@
 """Audit write latency: one scored item per commit, SQLite's automatic WAL checkpoints against the service's
-background checkpoints (:class:`serving.audit.WalCheckpointer`).
+background checkpoints (:class:`serving.audit.WalCheckpointer`); and what the shared rate limit adds per request
+(:meth:`serving.usage.SharedUsage.follow`), next to the commit it accompanies.
 
 Each commit writes a request row and a score row the size of a finance item (81 features and 81 SHAP
-contributions as JSON) into a fresh SQLite store in a temporary directory.
+contributions as JSON) into a fresh SQLite store in a temporary directory. The rate-limit check is timed with
+nothing new in the store (one worker) and after another process committed one request (charged to its key).
 
     python -m bench.audit_write [--commits 6000] [--json out.json]
 """
@@ -51,6 +53,32 @@ def run(background: bool, commits: int) -> dict:
     return out
 
 
+def shared_usage(commits: int) -> dict:
+    """``SharedUsage.follow`` per request: idle, and after each commit of another process (both in ms)."""
+    from serving import auth
+    from serving.audit import AuditStore
+    from serving.usage import SharedUsage
+
+    keys = auth.KeyStore([auth.KeyEntry(sha256="0" * 64, role="financial", agency="FIU", id="k1")], "bench")
+    with tempfile.TemporaryDirectory(prefix="riskscore-audit-") as tmp:
+        store = AuditStore(f"sqlite:///{Path(tmp) / 'audit.db'}", background_checkpoint=True)
+        usage = SharedUsage(store, auth.RateLimiter(rate=1e9, burst=1e9), lambda: keys)
+        idle, charged, commit = [], [], []
+        for _ in range(commits):
+            started = time.perf_counter()
+            usage.follow()
+            idle.append(time.perf_counter() - started)
+            request, rows = _rows(uuid.uuid4().hex)  # another worker's request: not marked in this cursor
+            started = time.perf_counter()
+            store.record_scores(request, rows, {"items": [{"score": 0.5}]})
+            commit.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            assert usage.follow() == 1
+            charged.append(time.perf_counter() - started)
+        store.close()
+    return {"idle": percentiles(idle), "after_one_request": percentiles(charged), "commit": percentiles(commit)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--commits", type=int, default=6000)
@@ -61,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         r = results[name] = run(background, args.commits)
         print(f"{name} checkpoints: p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms max {r['max_ms']:.1f} ms, "
               f"{r['over_5ms']} commits over 5 ms", flush=True)
+    u = results["shared_rate_limit"] = shared_usage(min(args.commits, 2000))
+    print(f"shared rate limit check: nothing new p50 {u['idle']['p50_ms'] * 1000:.0f} us, after another process's "
+          f"request p50 {u['after_one_request']['p50_ms'] * 1000:.0f} us p99 {u['after_one_request']['p99_ms']:.2f} ms "
+          f"(that request's commit: p50 {u['commit']['p50_ms'] * 1000:.0f} us)", flush=True)
     write_json(args.json, results)
     return 0
 

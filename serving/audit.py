@@ -181,6 +181,12 @@ class SeqCursor:
             top, gaps = self.top, sorted(self.gaps)
         return [column > top, column.in_(gaps)] if gaps else [column > top]
 
+    def where_sql(self, column: str) -> list[str]:
+        """:meth:`where` as SQL text for a driver cursor (the seqs are ints, written in as literals)."""
+        with self._lock:
+            top, gaps = int(self.top), sorted(int(g) for g in self.gaps)
+        return [f"{column} > {top}", f"{column} IN ({','.join(map(str, gaps))})"] if gaps else [f"{column} > {top}"]
+
     def mark(self, seqs: list[int]) -> None:
         """Record rows as applied (any order); holes below a new top are remembered, old ones expire."""
         with self._lock:
@@ -198,6 +204,12 @@ class SeqCursor:
         if self.gaps:
             floor = self.top - GAP_WINDOW
             self.gaps = {s: t for s, t in self.gaps.items() if s > floor and now - t < GAP_WAIT_S}
+
+
+def _epoch(value: dt.datetime | str) -> float:
+    """Epoch seconds of a stored naive-UTC time (SQLite's driver returns the text SQLAlchemy wrote)."""
+    when = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(value)
+    return when.replace(tzinfo=dt.UTC).timestamp()
 
 
 def utcnow() -> dt.datetime:
@@ -412,13 +424,23 @@ class AuditStore:
 
     def requests_after(self, cursor: SeqCursor) -> tuple[list[tuple[str, float]], list[int]]:
         """Scoring requests whose score rows are past ``cursor``: ``(caller key id, epoch seconds)`` per request
-        (its first item's row) and every seq read, for :mod:`serving.usage`. The cursor is not moved."""
-        query = sa.select(scores.c.seq, scores.c.caller_key_id, scores.c.created_at, scores.c.item_index)
-        with self.engine.connect() as conn:
-            rows = sorted((row for cond in cursor.where(scores.c.seq) for row in conn.execute(query.where(cond))),
-                          key=lambda r: r.seq)
-        made = [(r.caller_key_id, r.created_at.replace(tzinfo=dt.UTC).timestamp()) for r in rows if r.item_index == 0]
-        return made, [r.seq for r in rows]
+        (its first item's row) and every seq read, for :mod:`serving.usage`. The cursor is not moved.
+
+        Asked before a rate-limited request whenever another process wrote, so it goes straight to the driver
+        (with the heads query, 0.47 ms through a SQLAlchemy select against 0.22 ms, ``bench/audit_write.py``)."""
+        conn = self.engine.raw_connection()
+        try:
+            cur = conn.cursor()
+            rows = []
+            for cond in cursor.where_sql("seq"):
+                cur.execute(f"SELECT seq, caller_key_id, created_at, item_index FROM {scores.name} WHERE {cond}")
+                rows.extend(cur.fetchall())
+            cur.close()
+        finally:
+            conn.close()
+        rows.sort()
+        made = [(key_id, _epoch(created)) for _, key_id, created, index in rows if index == 0]
+        return made, [int(row[0]) for row in rows]
 
     def heads(self) -> tuple[int, int]:
         """The highest seq of the scores and of the outcomes table (0 when empty), in one query.

@@ -844,6 +844,39 @@ def test_audit_replay_reads_each_row_once_across_domains_and_late_commits(tmp_pa
         store.close()
 
 
+def test_requests_after_gives_each_request_once_with_its_key_and_time(tmp_path):
+    """What the shared rate limit reads: one entry per request (not per item), its key and when it was made,
+    rows this worker marked as its own skipped, and a row committed late below the top still read, once."""
+    import datetime as dt
+
+    from serving.audit import AuditStore, SeqCursor
+
+    store = AuditStore(f"sqlite:///{tmp_path / 'audit.db'}")
+
+    def write(request_id: str, seqs: list[int], key: str = "k1") -> list[int]:
+        request, (row,) = _audit_rows(request_id)
+        request.update(caller_key_id=key, created_at=dt.datetime(2026, 1, 1, 12, 0, len(seqs)))
+        rows = [{**row, "seq": seq, "score_id": f"s-{request_id}-{i}", "item_index": i, "caller_key_id": key,
+                 "created_at": request["created_at"]} for i, seq in enumerate(seqs)]
+        return store.record_scores(request, rows, response={})
+
+    try:
+        cursor = SeqCursor(start=store.heads()[0])
+        cursor.mark(write("mine", [1]))
+        write("batch", [3, 4, 5], key="k2")  # seq 2 taken by a transaction not committed yet
+        made, seqs = store.requests_after(cursor)
+        noon = dt.datetime(2026, 1, 1, 12, 0, 3, tzinfo=dt.UTC).timestamp()
+        assert made == [("k2", noon)] and seqs == [3, 4, 5]
+        cursor.mark(seqs)
+        write("late", [2])
+        made, seqs = store.requests_after(cursor)
+        assert [key for key, _ in made] == ["k1"] and seqs == [2]
+        cursor.mark(seqs)
+        assert store.requests_after(cursor) == ([], []) and not cursor.behind(store.heads()[0])
+    finally:
+        store.close()
+
+
 def test_background_wal_checkpoint_moves_commits_into_the_database_file(tmp_path, monkeypatch):
     """The service's audit store: commits only append to SQLite's log (no checkpoint stall inside a request), a
     background thread folds the log into the database file, and close() leaves an empty log."""
