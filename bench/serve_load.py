@@ -11,6 +11,8 @@ keys; rate limit off), then:
   Python client's), else Python threads with httpx (bounded by ``--max-requests``); ``--client`` chooses;
 * optionally a latency-vs-load curve: ``--curve 1:0,2:30,4:30`` adds one single-item run per ``users:think_ms``
   point (same generator, same duration);
+* ``--rate-limit R``: per worker count, a second server with the per-key rate limit on (rate and burst R, so
+  nothing is refused): what checking the limit and charging other workers' requests costs;
 * ``--workers 1,2``: one server per worker count, all started up front; every single-item load point runs
   against each of them in turn (same items, interleaved, so a slow phase of the machine hits all alike); the
   batch and in-process measurements use the first;
@@ -23,7 +25,8 @@ Items are the latest events of the training data with fresh ids, moved after the
 
     python -m bench.serve_load [--customs-rows 10000] [--finance-rows 20000] [--users 4] [--think-ms 30]
                                [--duration 20] [--batch-size 1000] [--batches 3] [--client auto|wrk|python]
-                               [--curve USERS:THINK_MS,...] [--workers 1,2] [--compare-old] [--json out.json]
+                               [--curve USERS:THINK_MS,...] [--workers 1,2] [--rate-limit R] [--compare-old]
+                               [--json out.json]
 """
 
 from __future__ import annotations
@@ -111,13 +114,16 @@ def train_models(root: Path, data: dict[str, Path], rounds: int | None) -> tuple
     return env, bundles, keys
 
 
-def launch_server(root: Path, env: dict, keys: dict, workers: int = 1) -> Running:
-    """Start the service with ``workers`` worker processes on a free port and wait until it is ready."""
+def launch_server(root: Path, env: dict, keys: dict, workers: int = 1, rate_limit: float = 0.0) -> Running:
+    """Start the service with ``workers`` worker processes on a free port and wait until it is ready; a
+    ``rate_limit`` > 0 keeps the per-key limit on (its burst as large, so no request is refused)."""
     port = local_server.free_port()
-    log = root / f"server-{workers}w.log"
-    audit = f"sqlite:///{root / f'audit-{workers}w.db'}"  # one audit store per server: no cross-talk
-    proc = local_server.launch({**env, "RISKSCORE_WORKERS": str(workers), "RISKSCORE_AUDIT_URL": audit}, log, port,
-                               cwd=REPO)
+    name = f"{workers}w" + ("-limited" if rate_limit else "")
+    log = root / f"server-{name}.log"
+    audit = f"sqlite:///{root / f'audit-{name}.db'}"  # one audit store per server: no cross-talk
+    limits = {"RISKSCORE_RATE_LIMIT": f"{rate_limit:g}", "RISKSCORE_RATE_BURST": f"{rate_limit:g}"}
+    proc = local_server.launch({**env, **limits, "RISKSCORE_WORKERS": str(workers), "RISKSCORE_AUDIT_URL": audit},
+                               log, port, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
         local_server.wait_ready(url, proc, log, timeout=300)
@@ -288,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra single-item load points as users:think_ms,... (e.g. 1:30,2:30,4:30,4:60)")
     parser.add_argument("--workers", type=_workers, default=[1],
                         help="comma-separated worker counts per server, e.g. 1,2 (one server each, loads interleaved)")
+    parser.add_argument("--rate-limit", type=float, default=0.0,
+                        help="also start, per worker count, a server with the per-key rate limit on at this rate "
+                             "(and burst): what the limit and its sharing across workers cost")
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--compare-old", action="store_true", help="also time the previous in-process path")
@@ -303,12 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or root
         data = {d: dataset(d, n, work) for d, n in rows.items()}
         env, bundles, keys = train_models(root, data, args.rounds)
-        servers: dict[int, Running] = {}
+        servers: dict[str, Running] = {}
         results: dict = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "domains": {}}
         try:
             for w in args.workers:
-                servers[w] = launch_server(root, env, keys, w)
-            server = servers[args.workers[0]]
+                servers[f"workers_{w}"] = launch_server(root, env, keys, w)
+                if args.rate_limit > 0:
+                    servers[f"workers_{w}_limited"] = launch_server(root, env, keys, w, args.rate_limit)
+            server = next(iter(servers.values()))
             for domain in ("customs", "finance"):
                 events, cases = events_and_cases(domain, data[domain])
                 label = "fraud" if domain == "customs" else "is_laundering"
@@ -320,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                          ("single_paced", args.users, args.think_ms),
                          *((f"curve_{users}u_{think:g}ms", users, think) for users, think in args.curve)]
                 for key, users, think in loads:
-                    for w, srv in servers.items():  # interleaved: each point on every server in turn
+                    for name, srv in servers.items():  # interleaved: each point on every server in turn
                         if use_wrk:
                             point = wrk_load.run(srv.url, ROUTE[domain], srv.keys[ROLE[domain]], items,
                                                  ID_COL[domain], users, args.duration, think_ms=think)
@@ -330,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                         if srv is server:
                             res[key] = point
                         else:
-                            res.setdefault(f"workers_{w}", {})[key] = point
+                            res.setdefault(name, {})[key] = point
                         if len(servers) > 1:
-                            print(f"{domain}: {w} worker(s), {key}: {point['requests_per_s']:.0f} req/s, p50 "
+                            print(f"{domain}: {name}, {key}: {point['requests_per_s']:.0f} req/s, p50 "
                                   f"{point['p50_ms']:.1f} p99 {point['p99_ms']:.1f} ms", flush=True)
                 batches = []
                 for b in range(args.batches):  # each batch later than the previous one, fresh ids
