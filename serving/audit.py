@@ -1,4 +1,5 @@
-"""Audit store (SQLAlchemy): every scored item, every reviewer outcome, idempotent request replies.
+"""Audit store (SQLAlchemy): every scored item, every reviewer outcome, idempotent request replies, and every
+accepted request of the other routes (``key_requests``: who read or changed what; the shared rate limit reads it).
 
 Default: SQLite in WAL mode at :func:`riskscore.config.audit_url`; any SQLAlchemy URL (PostgreSQL) works.
 A scoring request is written in one transaction (request row + one score row per item) before the
@@ -98,7 +99,20 @@ reloads = sa.Table(  # POST /admin/reload requests, so that every worker and rep
 )
 
 
+key_requests = sa.Table(  # every accepted request of the other routes (reads, outcomes, admin): who, when, what
+    "key_requests", metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("made_at", sa.DateTime, nullable=False),
+    sa.Column("key_id", sa.String(16), nullable=False),
+    sa.Column("agency", sa.String(64), nullable=False),
+    sa.Column("request_id", sa.String(64), nullable=False),
+    sa.Column("method", sa.String(8), nullable=False),
+    sa.Column("path", sa.String(256), nullable=False),
+)
+
+
 _HEADS_SQL = f"SELECT (SELECT max(seq) FROM {scores.name}), (SELECT max(seq) FROM {outcomes.name})"
+_USAGE_HEADS_SQL = f"SELECT (SELECT max(seq) FROM {scores.name}), (SELECT max(seq) FROM {key_requests.name})"
 
 
 class IdempotencyConflict(Exception):
@@ -422,40 +436,66 @@ class AuditStore:
                 raise
             raise IdempotencyConflict(self.find_request(request["caller_key_id"], key)) from None
 
-    def requests_after(self, cursor: SeqCursor) -> tuple[list[tuple[str, float]], list[int]]:
-        """Scoring requests whose score rows are past ``cursor``: ``(caller key id, epoch seconds)`` per request
-        (its first item's row) and every seq read, for :mod:`serving.usage`. The cursor is not moved.
+    def record_key_request(self, key_id: str, agency: str, request_id: str, method: str, path: str) -> int:
+        """Write one accepted request of a route other than scoring (scoring requests are their score rows);
+        returns its seq (the writer marks it in its usage cursor)."""
+        row = {"made_at": utcnow(), "key_id": key_id, "agency": agency, "request_id": request_id,
+               "method": method[:8], "path": path[:256]}
+        with self.write_lock, self.engine.begin() as conn:
+            if conn.dialect.insert_returning:
+                return int(conn.execute(key_requests.insert().returning(key_requests.c.seq), row).scalar_one())
+            return int(conn.execute(key_requests.insert(), row).inserted_primary_key[0])
+
+    def requests_after(self, scored: SeqCursor, other: SeqCursor | None = None
+                       ) -> tuple[list[tuple[str, float]], list[int], list[int]]:
+        """Requests recorded past the cursors, for :mod:`serving.usage`: ``(caller key id, epoch seconds)`` per
+        scoring request past ``scored`` (its first item's score row) and per request of another route past
+        ``other`` (``key_requests``), in time order; then the seqs read of each table. The cursors are not moved.
 
         Asked before a rate-limited request whenever another process wrote, so it goes straight to the driver
         (with the heads query, 0.47 ms through a SQLAlchemy select against 0.22 ms, ``bench/audit_write.py``)."""
+        queries = [(f"SELECT seq, caller_key_id, created_at, item_index FROM {scores.name} WHERE {{}}", scored)]
+        if other is not None:
+            queries.append((f"SELECT seq, key_id, made_at, 0 FROM {key_requests.name} WHERE {{}}", other))
+        found: list[list[tuple]] = []
         conn = self.engine.raw_connection()
         try:
             cur = conn.cursor()
-            rows = []
-            for cond in cursor.where_sql("seq"):
-                cur.execute(f"SELECT seq, caller_key_id, created_at, item_index FROM {scores.name} WHERE {cond}")
-                rows.extend(cur.fetchall())
+            for sql, cursor in queries:
+                rows = []
+                for cond in cursor.where_sql("seq"):
+                    cur.execute(sql.format(cond))
+                    rows.extend(cur.fetchall())
+                found.append(rows)
             cur.close()
         finally:
             conn.close()
-        rows.sort()
-        made = [(key_id, _epoch(created)) for _, key_id, created, index in rows if index == 0]
-        return made, [int(row[0]) for row in rows]
+        made = sorted((_epoch(created), key_id) for rows in found for _, key_id, created, index in rows if index == 0)
+        seqs = [sorted(int(row[0]) for row in rows) for rows in found]
+        return [(key_id, at) for at, key_id in made], seqs[0], seqs[1] if other is not None else []
 
     def heads(self) -> tuple[int, int]:
         """The highest seq of the scores and of the outcomes table (0 when empty), in one query.
 
         Asked before every scoring request, so it goes straight to the driver: 9 us against 120 us through a
         SQLAlchemy ``select`` (compiling and result processing) on the SQLite store."""
+        return self._heads(_HEADS_SQL)
+
+    def usage_heads(self) -> tuple[int, int]:
+        """The highest seq of the scores and of the ``key_requests`` table (0 when empty), in one query
+        (asked before every request of a rate-limited key, :mod:`serving.usage`)."""
+        return self._heads(_USAGE_HEADS_SQL)
+
+    def _heads(self, sql: str) -> tuple[int, int]:
         conn = self.engine.raw_connection()
         try:
             cur = conn.cursor()
-            cur.execute(_HEADS_SQL)
-            score_head, outcome_head = cur.fetchone()
+            cur.execute(sql)
+            first, second = cur.fetchone()
             cur.close()
         finally:
             conn.close()
-        return int(score_head or 0), int(outcome_head or 0)
+        return int(first or 0), int(second or 0)
 
     def get_score(self, score_id: str) -> dict | None:
         """A score row with its outcome (if any) as a dict."""

@@ -11,8 +11,8 @@ compared by hash with :func:`hmac.compare_digest` against every entry; a key is 
 Rate limits: every key has a token bucket (:class:`RateLimiter`): ``$RISKSCORE_RATE_LIMIT`` requests per
 second (default 100; ``0`` = off) with bursts of ``$RISKSCORE_RATE_BURST`` (default 5 x the rate, at least 1).
 A key entry may carry its own ``"rate"`` and ``"burst"``; past the limit a request gets 429 with ``Retry-After``.
-Each worker holds the buckets in memory and also charges them with the scoring requests that other workers and
-replicas recorded in the shared audit store (:meth:`RateLimiter.charge`, ``serving.usage``), so a key's limit holds
+Each worker holds the buckets in memory and also charges them with the requests that other workers and replicas
+recorded in the shared audit store (:meth:`RateLimiter.charge`, ``serving.usage``), so a key's limit holds
 across the deployment.
 """
 

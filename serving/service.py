@@ -342,14 +342,20 @@ class RiskScore:
         self.audit.close()
 
     # -- helpers ---------------------------------------------------------------------------------------
-    def _authorize(self, request: Request, permission: str) -> auth.Caller:
+    def _authorize(self, request: Request, permission: str, scoring: bool = False) -> auth.Caller:
+        """The caller of ``request`` if its key has ``permission`` and is under its rate limit (shared by every
+        worker and replica). An accepted request of another route than scoring is recorded in the audit store
+        (``key_requests``); a scoring request is recorded by its score rows."""
         self._follow_reloads()
         caller = self.keys.authorize(auth.presented_key(request.headers), permission)
         state = _state(request)
         state["key_id"], state["agency"] = caller.key_id, caller.agency
         if self.limiter.limited(caller):
-            self.usage.follow()  # what this key (and every other) scored through other workers and replicas
+            self.usage.follow()  # what this key (and every other) did through other workers and replicas
         self.limiter.take(caller)
+        if not scoring:
+            request_id = state.setdefault("request_id", uuid.uuid4().hex)
+            self.usage.record(caller, request_id, request.scope.get("method", ""), request.scope.get("path", ""))
         return caller
 
     def refresh_drift(self, force: bool = False) -> dict[str, Any]:
@@ -386,7 +392,7 @@ class RiskScore:
     async def _score(self, domain: str, request: Request) -> JSONResponse:
         state = _state(request)
         state["domain"] = domain
-        caller = self._authorize(request, domain_info(domain).permission)
+        caller = self._authorize(request, domain_info(domain).permission, scoring=True)
         if client_rid := request.headers.get("x-request-id"):
             state["client_request_id"] = client_rid[:64]
         idem = request.headers.get("idempotency-key")

@@ -1,12 +1,12 @@
 """One rate limit per key across workers and replicas: each worker's buckets also pay for the others' requests.
 
 Every worker holds its keys' token buckets in memory (:class:`serving.auth.RateLimiter`). Before a rate-limited
-key is checked, :class:`SharedUsage` reads the scoring requests that other workers and replicas recorded in the
-shared audit store since it last looked (one query of the highest seq when nothing is new) and charges each to
-its key's bucket at the time it was made. A worker's own requests are marked as it writes them, so they are not
-charged twice. Requests in flight in two processes at the same moment do not see each other: the overshoot is
-at most one request per process. Only scoring requests are recorded, so only they count across processes;
-other routes stay limited per worker.
+key is checked, :class:`SharedUsage` reads the requests that other workers and replicas recorded in the shared
+audit store since it last looked (one query of the two highest seqs when nothing is new) and charges each to its
+key's bucket at the time it was made: scoring requests are their score rows, every other accepted request is a
+``key_requests`` row (:meth:`SharedUsage.record`). A worker's own requests are marked as it writes them, so they
+are not charged twice. Requests in flight in two processes at the same moment do not see each other: the
+overshoot is at most one request per process.
 """
 
 from __future__ import annotations
@@ -15,30 +15,37 @@ import logging
 from collections.abc import Callable
 
 from serving.audit import AuditStore, SeqCursor
-from serving.auth import KeyStore, RateLimiter
+from serving.auth import Caller, KeyStore, RateLimiter
 
 log = logging.getLogger("riskscore.serving.usage")
 
 
 class SharedUsage:
-    """Charges a :class:`RateLimiter` with the scoring requests other processes recorded in ``audit``."""
+    """Charges a :class:`RateLimiter` with the requests other processes recorded in ``audit``."""
 
     def __init__(self, audit: AuditStore, limiter: RateLimiter, keys: Callable[[], KeyStore]):
         self.audit, self.limiter, self.keys = audit, limiter, keys
-        self.cursor = SeqCursor(start=audit.heads()[0])  # requests before this worker started are not charged
+        score_head, other_head = audit.usage_heads()  # requests before this worker started are not charged
+        self.scored, self.other = SeqCursor(start=score_head), SeqCursor(start=other_head)
 
     def written(self, seqs: list[int]) -> None:
         """This worker wrote these score rows: its buckets paid for them when it authorised the request."""
-        self.cursor.mark(seqs)
+        self.scored.mark(seqs)
+
+    def record(self, caller: Caller, request_id: str, method: str, path: str) -> None:
+        """Record an accepted request of a route other than scoring, for the other processes' buckets (and as
+        the trail of who read or changed what)."""
+        self.other.mark([self.audit.record_key_request(caller.key_id, caller.agency, request_id, method, path)])
 
     def follow(self) -> int:
         """Charge the requests recorded elsewhere since the last call; returns how many were charged.
 
-        An unreachable store is logged and skipped (the request's own scoring will report it)."""
+        An unreachable store is logged and skipped (the request's own work will report it)."""
         try:
-            if not self.cursor.behind(self.audit.heads()[0]):
+            score_head, other_head = self.audit.usage_heads()
+            if not (self.scored.behind(score_head) or self.other.behind(other_head)):
                 return 0
-            made, seqs = self.audit.requests_after(self.cursor)
+            made, score_seqs, other_seqs = self.audit.requests_after(self.scored, self.other)
         except Exception:
             log.warning("could not read the requests of other workers for the rate limits", exc_info=True)
             return 0
@@ -49,5 +56,6 @@ class SharedUsage:
             if caller is not None:  # a key removed since then has no bucket to charge
                 self.limiter.charge(caller, at)
                 charged += 1
-        self.cursor.mark(seqs)
+        self.scored.mark(score_seqs)
+        self.other.mark(other_seqs)
         return charged

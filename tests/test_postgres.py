@@ -14,7 +14,7 @@ import pytest
 
 from serving import auth, local_server
 from tests import postgres_server, test_service
-from tests.test_reliability import _audit_rows, accepted_across_replicas, count_across_replicas
+from tests.test_reliability import _audit_rows, accepted_across_replicas, count_across_replicas, scored_once
 from tests.test_service import Server, launch, server_test, wait_ready
 
 server = test_service.server  # the module-scoped fixture: its registry, keys and data (its own server is unused)
@@ -127,9 +127,11 @@ def test_outcomes_reloads_and_cases_on_postgres(store):
 def test_two_replicas_share_a_postgres_audit_store(server: Server, pg_url, tmp_path):
     """Two service replicas (the second with 2 workers) on one PostgreSQL audit store: each counts the transfers
     scored through the other, the stored scores read back through either, and a key's rate limit holds across
-    the three workers."""
+    the three workers, for scoring and for reads."""
     env = {**server.env, "RISKSCORE_AUDIT_URL": pg_url, "RISKSCORE_DOMAINS": "finance"}
-    limited = auth.add_key("financial", "L", Path(server.env["RISKSCORE_KEYS_FILE"]), rate=0.01, burst=4)[0]
+    keys_file = Path(server.env["RISKSCORE_KEYS_FILE"])
+    limited, reader = (auth.add_key(role, agency, keys_file, rate=0.01, burst=4)[0]
+                       for role, agency in (("financial", "L"), ("reviewer", "A")))
     procs, urls = [], []
     try:
         for workers in (1, 2):
@@ -139,6 +141,8 @@ def test_two_replicas_share_a_postgres_audit_store(server: Server, pg_url, tmp_p
             wait_ready(urls[-1], procs[-1], log)
         template = count_across_replicas(server, [urls[0], urls[1], urls[1], urls[0], urls[1]])
         assert accepted_across_replicas(urls, limited, template, 10) == 4
+        read = scored_once(urls[1], server, template)
+        assert accepted_across_replicas(urls, reader, template, 10, read=read) == 4
     finally:
         for proc in procs:
             local_server.stop(proc)

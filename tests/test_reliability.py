@@ -643,14 +643,20 @@ def count_across_replicas(server: Server, route: list[str]) -> dict:
     return template
 
 
-def accepted_across_replicas(urls: list[str], key: str, template: dict, requests: int) -> int:
-    """Post ``requests`` single transfers with ``key`` through the servers of ``urls`` in turn (a new connection
-    each, so a replica's workers share them); how many were accepted. The others must be 429 with Retry-After."""
+def accepted_across_replicas(urls: list[str], key: str, template: dict, requests: int,
+                             read: str | None = None) -> int:
+    """Send ``requests`` requests with ``key`` through the servers of ``urls`` in turn (a new connection each, so
+    a replica's workers share them): single transfers to score, or reads of the score ``read``; how many were
+    accepted. The others must be 429 with Retry-After."""
     accepted = 0
     for i in range(requests):
-        item = dict(template, transaction_id=f"L{time.time_ns()}-{i}")
-        r = httpx.post(f"{urls[i % len(urls)]}/score_transactions", json={"items": [item]},
-                       headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        headers = {"Authorization": f"Bearer {key}"}
+        if read is None:
+            item = dict(template, transaction_id=f"L{time.time_ns()}-{i}")
+            r = httpx.post(f"{urls[i % len(urls)]}/score_transactions", json={"items": [item]}, headers=headers,
+                           timeout=60)
+        else:
+            r = httpx.get(f"{urls[i % len(urls)]}/scores/{read}", headers=headers, timeout=60)
         if r.status_code == 200:
             accepted += 1
         else:
@@ -658,15 +664,24 @@ def accepted_across_replicas(urls: list[str], key: str, template: dict, requests
     return accepted
 
 
+def scored_once(url: str, server: Server, template: dict) -> str:
+    """Score one transfer of ``template`` (agency A) through ``url``; its score id."""
+    item = dict(template, transaction_id=f"R{time.time_ns()}")
+    r = httpx.post(f"{url}/score_transactions", json={"items": [item]}, headers=server.headers("financial"),
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["items"][0]["score_id"]
+
+
 @server_test
 def test_replicas_on_one_audit_store_see_each_others_events_and_reloads(server: Server, tmp_path):
     """A second replica (2 workers) on the same audit store: transfers of one new account scored alternately
     through both count every earlier one, whichever process scored it (catch-up before each request); a key's
-    rate limit holds across all three workers; and a key revoked and reloaded through the first replica is
-    refused by every worker of the second."""
+    rate limit holds across all three workers, for scoring and for reads; and a key revoked and reloaded through
+    the first replica is refused by every worker of the second."""
     path = Path(server.env["RISKSCORE_KEYS_FILE"])
     temp_key, entry, _ = auth.add_key("financial", "A", path)
-    limited = _add_keys(server, [("financial", "L")], rate=0.01, burst=4)[0]  # the first server reloads keys
+    limited, reader = _add_keys(server, [("financial", "L"), ("reviewer", "A")], rate=0.01, burst=4)
     port = _free_port()
     log = tmp_path / "replica.log"
     proc = launch({**server.env, "RISKSCORE_DOMAINS": "finance", "RISKSCORE_WORKERS": "2"}, log, port)
@@ -676,6 +691,9 @@ def test_replicas_on_one_audit_store_see_each_others_events_and_reloads(server: 
         template = count_across_replicas(server, [server.url, other, server.url, other, other, server.url])
         # one bucket for the deployment: each worker charges what the others recorded (per worker it would be 12)
         assert accepted_across_replicas([server.url, other], limited, template, 10) == 4
+        # reads too (recorded in key_requests): per worker a reviewer would get 12 of them
+        score_id = scored_once(other, server, template)
+        assert accepted_across_replicas([server.url, other], reader, template, 10, read=score_id) == 4
         # an idle replica catches up in the background: the first server, given no request, ingests what the
         # second scored within about a second ($RISKSCORE_IDLE_SYNC_S)
         def history_events() -> int:
@@ -845,8 +863,9 @@ def test_audit_replay_reads_each_row_once_across_domains_and_late_commits(tmp_pa
 
 
 def test_requests_after_gives_each_request_once_with_its_key_and_time(tmp_path):
-    """What the shared rate limit reads: one entry per request (not per item), its key and when it was made,
-    rows this worker marked as its own skipped, and a row committed late below the top still read, once."""
+    """What the shared rate limit reads: one entry per scoring request (not per item) and per request of another
+    route, its key and when it was made, in time order; rows this worker marked as its own skipped, and a row
+    committed late below the top still read, once."""
     import datetime as dt
 
     from serving.audit import AuditStore, SeqCursor
@@ -861,20 +880,59 @@ def test_requests_after_gives_each_request_once_with_its_key_and_time(tmp_path):
         return store.record_scores(request, rows, response={})
 
     try:
-        cursor = SeqCursor(start=store.heads()[0])
-        cursor.mark(write("mine", [1]))
+        scored, other = SeqCursor(start=store.heads()[0]), SeqCursor(start=store.usage_heads()[1])
+        scored.mark(write("mine", [1]))
         write("batch", [3, 4, 5], key="k2")  # seq 2 taken by a transaction not committed yet
-        made, seqs = store.requests_after(cursor)
+        other.mark([store.record_key_request("k3", "A", "r-mine", "GET", "/scores/s-mine-0")])
+        before = time.time()
+        assert store.record_key_request("k4", "A", "r-read", "GET", "/scores/s-batch-0") == 2
+        made, score_seqs, other_seqs = store.requests_after(scored, other)
         noon = dt.datetime(2026, 1, 1, 12, 0, 3, tzinfo=dt.UTC).timestamp()
-        assert made == [("k2", noon)] and seqs == [3, 4, 5]
-        cursor.mark(seqs)
+        assert [key for key, _ in made] == ["k2", "k4"] and made[0][1] == noon
+        assert before - 1 <= made[1][1] <= time.time() + 1
+        assert score_seqs == [3, 4, 5] and other_seqs == [2] and store.usage_heads() == (5, 2)
+        scored.mark(score_seqs)
+        other.mark(other_seqs)
         write("late", [2])
-        made, seqs = store.requests_after(cursor)
-        assert [key for key, _ in made] == ["k1"] and seqs == [2]
-        cursor.mark(seqs)
-        assert store.requests_after(cursor) == ([], []) and not cursor.behind(store.heads()[0])
+        made, score_seqs, other_seqs = store.requests_after(scored, other)
+        assert [key for key, _ in made] == ["k1"] and score_seqs == [2] and other_seqs == []
+        scored.mark(score_seqs)
+        assert store.requests_after(scored, other) == ([], [], []) and not scored.behind(store.heads()[0])
+        assert store.requests_after(scored) == ([], [], [])
     finally:
         store.close()
+
+
+def test_two_workers_share_one_bucket_for_reads_as_for_scores(tmp_path):
+    """Two workers' SharedUsage on one store: reads accepted by one are charged to the other's bucket (and not
+    to its own twice), so a reviewer key with burst 3 gets 3 reads in all, not 3 per worker."""
+    from serving.audit import AuditStore
+    from serving.usage import SharedUsage
+
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    entry = auth.KeyEntry(sha256="0" * 64, role="reviewer", agency="A", id="r1", rate=0.001, burst=3)
+    keys = auth.KeyStore([entry], "test")
+    stores = [AuditStore(url), AuditStore(url)]
+    workers = [(SharedUsage(store, auth.RateLimiter(), lambda: keys), store) for store in stores]
+    try:
+        accepted = 0
+        for i in range(8):
+            usage, _ = workers[i % 2]
+            caller = keys.caller("r1")
+            usage.follow()
+            try:
+                usage.limiter.take(caller)
+            except auth.AuthError as err:
+                assert err.status == 429
+                continue
+            usage.record(caller, f"req-{i}", "GET", f"/scores/s{i}")
+            accepted += 1
+        assert accepted == 3
+        assert stores[0].usage_heads() == (0, 3)
+        assert workers[0][0].follow() == 0 and workers[1][0].follow() == 0  # nothing new, own rows not re-read
+    finally:
+        for store in stores:
+            store.close()
 
 
 def test_background_wal_checkpoint_moves_commits_into_the_database_file(tmp_path, monkeypatch):
