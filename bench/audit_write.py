@@ -1,10 +1,12 @@
 """Audit write latency: one scored item per commit, SQLite's automatic WAL checkpoints against the service's
 background checkpoints (:class:`serving.audit.WalCheckpointer`); and what the shared rate limit adds per request
-(:meth:`serving.usage.SharedUsage.follow`), next to the commit it accompanies.
+(:meth:`serving.usage.SharedUsage.follow`), next to the commit it accompanies; and the record of an accepted read
+(:meth:`serving.usage.SharedUsage.record`, one ``key_requests`` row).
 
 Each commit writes a request row and a score row the size of a finance item (81 features and 81 SHAP
 contributions as JSON) into a fresh SQLite store in a temporary directory. The rate-limit check is timed with
-nothing new in the store (one worker) and after another process committed one request (charged to its key).
+nothing new in the store (one worker) and after another process committed one request (charged to its key); the
+read's record is one commit of one small row.
 
     python -m bench.audit_write [--commits 6000] [--json out.json]
 """
@@ -63,7 +65,8 @@ def shared_usage(commits: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="riskscore-audit-") as tmp:
         store = AuditStore(f"sqlite:///{Path(tmp) / 'audit.db'}", background_checkpoint=True)
         usage = SharedUsage(store, auth.RateLimiter(rate=1e9, burst=1e9), lambda: keys)
-        idle, charged, commit = [], [], []
+        idle, charged, commit, recorded = [], [], [], []
+        caller = keys.caller("k1")
         for _ in range(commits):
             started = time.perf_counter()
             usage.follow()
@@ -75,8 +78,12 @@ def shared_usage(commits: int) -> dict:
             started = time.perf_counter()
             assert usage.follow() == 1
             charged.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            usage.record(caller, uuid.uuid4().hex, "GET", "/scores/" + rows[0]["score_id"])
+            recorded.append(time.perf_counter() - started)
         store.close()
-    return {"idle": percentiles(idle), "after_one_request": percentiles(charged), "commit": percentiles(commit)}
+    return {"idle": percentiles(idle), "after_one_request": percentiles(charged), "commit": percentiles(commit),
+            "read_record": percentiles(recorded)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     u = results["shared_rate_limit"] = shared_usage(min(args.commits, 2000))
     print(f"shared rate limit check: nothing new p50 {u['idle']['p50_ms'] * 1000:.0f} us, after another process's "
           f"request p50 {u['after_one_request']['p50_ms'] * 1000:.0f} us p99 {u['after_one_request']['p99_ms']:.2f} ms "
-          f"(that request's commit: p50 {u['commit']['p50_ms'] * 1000:.0f} us)", flush=True)
+          f"(that request's commit: p50 {u['commit']['p50_ms'] * 1000:.0f} us); record of an accepted read: "
+          f"p50 {u['read_record']['p50_ms'] * 1000:.0f} us p99 {u['read_record']['p99_ms']:.2f} ms", flush=True)
     write_json(args.json, results)
     return 0
 
