@@ -5,12 +5,13 @@ For each domain: small synthetic data, a small LightGBM bundle, the online state
 plain contract columns, as the service passes them, + ``explain``) on those items as one batch and one by one,
 next to raw ``booster.predict`` + ``predict(pred_contrib=True)`` on the same feature matrix. It also checks
 correctness: the served features equal the batch feature build (training semantics) and the explanations equal
-``ModelBundle.explain``.
+``ModelBundle.explain``. With ``--idle-ms T`` the single items are also timed after ``T`` ms of sleep and after
+``T`` ms of busy-waiting each (how much slower the same work is when it starts cold, as a request to an idle server).
 
 Fails (exit 1) only on gross regressions relative to the ceiling, never on absolute times:
 batch throughput < ``--min-ratio`` (default 5%) of raw predict+pred_contrib.
 
-    python -m bench.quick [--items 200] [--min-ratio 0.05] [--json out.json]
+    python -m bench.quick [--items 200] [--min-ratio 0.05] [--idle-ms 30] [--json out.json]
 """
 
 from __future__ import annotations
@@ -51,7 +52,13 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def run_domain(domain: str, items: int, work: Path, repeats: int = 3) -> dict:
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def run_domain(domain: str, items: int, work: Path, repeats: int = 3, idle_ms: float = 0.0) -> dict:
     from features.domains import feature_set
     from serving.fast_path import (
         contrib_threads,
@@ -96,12 +103,23 @@ def run_domain(domain: str, items: int, work: Path, repeats: int = 3) -> dict:
         return time.perf_counter() - start
 
     served = min(batch() for _ in range(repeats))
-    state = copy.deepcopy(seeded)
-    singles = []
-    for item in validated[: min(items, 100)]:
-        start = time.perf_counter()
-        explain(bundle, feature_columns_in_time_order(state, item_columns(domain, [item])))
-        singles.append(time.perf_counter() - start)
+    def one_by_one(chosen: list, pause=None) -> list[float]:
+        state, times = copy.deepcopy(seeded), []
+        for item in chosen:
+            if pause is not None:
+                pause(idle_ms / 1000)
+            start = time.perf_counter()
+            explain(bundle, feature_columns_in_time_order(state, item_columns(domain, [item])))
+            times.append(time.perf_counter() - start)
+        return times
+
+    singles = one_by_one(validated[: min(items, 100)])
+    idle = {}
+    if idle_ms > 0:
+        for name, pause in (("sleep", time.sleep), ("busy", _spin)):
+            times = one_by_one(validated[: min(items, 100)], pause)
+            idle[f"single_after_{name}_p50_ms"] = float(np.percentile(times, 50) * 1e3)
+            idle[f"single_after_{name}_p99_ms"] = float(np.percentile(times, 99) * 1e3)
     raw_single = _best(lambda: (bundle.booster.predict(X[:1], num_threads=1),
                                 bundle.booster.predict(X[:1], pred_contrib=True, num_threads=1)), 20)
     return {
@@ -110,7 +128,7 @@ def run_domain(domain: str, items: int, work: Path, repeats: int = 3) -> dict:
         "raw_items_per_s": items / raw, "served_items_per_s": items / served, "batch_ratio": raw / served,
         "single_p50_ms": float(np.percentile(singles, 50) * 1e3),
         "single_p99_ms": float(np.percentile(singles, 99) * 1e3),
-        "raw_single_ms": raw_single * 1e3,
+        "raw_single_ms": raw_single * 1e3, **idle,
     }
 
 
@@ -119,12 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--min-ratio", type=float, default=0.05)
     parser.add_argument("--domains", default="customs,finance")
+    parser.add_argument("--idle-ms", type=float, default=0.0,
+                        help="also time single items after this many ms of sleep and of busy-waiting each")
     parser.add_argument("--work", type=Path, default=None, help="work directory (default: a temporary one)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="riskscore-quick-") as tmp:
         work = args.work or Path(tmp)
-        results = [run_domain(d.strip(), args.items, work) for d in args.domains.split(",")]
+        results = [run_domain(d.strip(), args.items, work, idle_ms=args.idle_ms) for d in args.domains.split(",")]
     failures = []
     print(f"{'domain':8} {'raw items/s':>12} {'served items/s':>15} {'ratio':>6} {'single p50/p99 ms':>18} "
           f"{'raw single ms':>13}  parity")
@@ -132,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['domain']:8} {r['raw_items_per_s']:12.0f} {r['served_items_per_s']:15.0f} {r['batch_ratio']:6.2f} "
               f"{r['single_p50_ms']:8.2f}/{r['single_p99_ms']:<9.2f} {r['raw_single_ms']:13.2f}  "
               f"{'ok' if r['features_match_batch_build'] and r['explain_matches'] else 'MISMATCH'}")
+        if args.idle_ms > 0:
+            print(f"{'':8} single p50/p99 ms after {args.idle_ms:g} ms of sleep {r['single_after_sleep_p50_ms']:.2f}/"
+                  f"{r['single_after_sleep_p99_ms']:.2f}, of busy-waiting {r['single_after_busy_p50_ms']:.2f}/"
+                  f"{r['single_after_busy_p99_ms']:.2f}")
         if not r["features_match_batch_build"]:
             failures.append(f"{r['domain']}: served feature {r['first_differing_feature']!r} "
                             "differs from the batch build")
