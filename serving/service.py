@@ -350,9 +350,7 @@ class RiskScore:
         caller = self.keys.authorize(auth.presented_key(request.headers), permission)
         state = _state(request)
         state["key_id"], state["agency"] = caller.key_id, caller.agency
-        if self.limiter.limited(caller):
-            self.usage.follow()  # what this key (and every other) did through other workers and replicas
-        self.limiter.take(caller)
+        self.usage.take(caller)  # after charging what this key did through other workers and replicas
         if not scoring:
             request_id = state.setdefault("request_id", uuid.uuid4().hex)
             self.usage.record(caller, request_id, request.scope.get("method", ""), request.scope.get("path", ""))

@@ -32,6 +32,13 @@ class SharedUsage:
         """This worker wrote these score rows: its buckets paid for them when it authorised the request."""
         self.scored.mark(seqs)
 
+    def take(self, caller: Caller) -> None:
+        """Take one token of ``caller``'s bucket (:class:`serving.auth.AuthError` 429 past the limit), first
+        charging what other processes recorded if the key is rate limited."""
+        if self.limiter.limited(caller):
+            self.follow()
+        self.limiter.take(caller)
+
     def record(self, caller: Caller, request_id: str, method: str, path: str) -> None:
         """Record an accepted request of a route other than scoring, for the other processes' buckets (and as
         the trail of who read or changed what)."""
