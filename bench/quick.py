@@ -21,6 +21,7 @@ import copy
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ def _best(fn, repeats: int) -> float:
 
 
 def _spin(seconds: float) -> None:
+    """Busy-wait (the CPU stays awake, unlike ``time.sleep``)."""
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         pass
@@ -103,7 +105,9 @@ def run_domain(domain: str, items: int, work: Path, repeats: int = 3, idle_ms: f
         return time.perf_counter() - start
 
     served = min(batch() for _ in range(repeats))
-    def one_by_one(chosen: list, pause=None) -> list[float]:
+
+    def one_by_one(chosen: list, pause: Callable[[float], None] | None = None) -> list[float]:
+        """Seconds per item, scored one by one on a fresh copy of the seeded state, each after ``pause``."""
         state, times = copy.deepcopy(seeded), []
         for item in chosen:
             if pause is not None:
