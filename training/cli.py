@@ -108,23 +108,33 @@ def promote_cmd(domain: str, version: str, reason: str, by: str | None) -> None:
 @click.option("--version", help="Registered version number (default: the alias).")
 @click.option("--alias", default="champion", show_default=True, help="Registered alias when --version is not given.")
 @click.option("--history", type=EXISTING,
-              help="Earlier events (e.g. the training data) that features may look back on; not scored.")
+              help="Earlier events that features may look back on; not scored. Default: the model's training "
+                   "data, the history the service and `riskscore score` start from.")
+@click.option("--no-history", is_flag=True, help="Features from the evaluated file alone (cold entity history).")
 @click.option("--cases", "cases_path", type=EXISTING, help="Extra reviewer outcomes (cases table).")
 @click.option("--capacity", type=float, default=0.05, show_default=True, help="Review capacity for the metrics.")
-def evaluate_cmd(domain: str, data: Path, version: str | None, alias: str, history: Path | None,
+def evaluate_cmd(domain: str, data: Path, version: str | None, alias: str, history: Path | None, no_history: bool,
                  cases_path: Path | None, capacity: float) -> None:
     """Metrics of a registered model on a labelled file: PR-AUC, ROC-AUC, precision/recall in the top 1/2/5/10%."""
     from training.metrics import TOP_FRACTIONS, pct_label
     from training.pipeline import evaluate_bundle
     from training.registry import load_model
 
+    if history is not None and no_history:
+        raise click.UsageError("--history and --no-history exclude each other")
     try:
         bundle, mv = load_model(domain, version=version, alias=None if version else alias)
+        if history is None and not no_history and bundle.data_path:
+            history = Path(bundle.data_path)
+            if not history.exists():
+                raise FileNotFoundError(f"the model's training data {history} (the default history) is not here; "
+                                        "pass --history PATH or --no-history")
         m = evaluate_bundle(bundle, domain, data, history_path=history, cases_path=cases_path, capacity=capacity)
     except Exception as err:
         raise click.ClickException(_one_line(err)) from err
     click.echo(f"{mv.name} v{mv.version} on {data.name}: {int(m['rows'])} labelled events, "
                f"{int(m['positives'])} positives")
+    click.echo(f"  history: {history.name if history else 'none'} ({m['history_events']:,} earlier events)")
     click.echo(f"  PR-AUC  {m['pr_auc']:.4f}\n  ROC-AUC {m['roc_auc']:.4f}\n  Brier   {m['brier']:.4f}")
     click.echo(f"  {'top':>5s} {'precision':>10s} {'recall':>8s}")
     for frac in sorted({*TOP_FRACTIONS, capacity}):

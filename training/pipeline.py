@@ -188,18 +188,28 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def load_training_data(domain: str, data_path: str | Path, config: TrainConfig) -> TrainData:
-    """Load the training data (and evaluation file, extra cases) onto the contracts."""
+def load_training_data(domain: str, data_path: str | Path, config: TrainConfig, *,
+                       drop_overlap: bool = False) -> TrainData:
+    """Load the training data (and evaluation file, extra cases) onto the contracts.
+
+    An event id in both files is an error, unless ``drop_overlap``: then the first file's copy is dropped (the
+    first file is only history that the evaluation file's features look back on).
+    """
     first = load_dataset(domain, data_path, config.label_delay_days)
     datasets = [first]
+    fs_id = EVENTS[domain][2]
     if config.eval_path:
         datasets.append(load_dataset(domain, config.eval_path, config.label_delay_days))
     if len(datasets) == 1:  # no concat copy: the loaded frame is ours
         events = events_of(first)
         events.index = pd.RangeIndex(len(events))
+        n_first = len(events)
     else:
-        events = pd.concat([events_of(d) for d in datasets], ignore_index=True)
-    fs_id = EVENTS[domain][2]
+        earlier = events_of(first)
+        if drop_overlap:
+            earlier = earlier[~earlier[fs_id].isin(events_of(datasets[1])[fs_id])]
+        events = pd.concat([earlier] + [events_of(d) for d in datasets[1:]], ignore_index=True)
+        n_first = len(earlier)
     dup = events[fs_id].duplicated()
     if dup.any():
         raise ValueError(f"event id {events.loc[dup, fs_id].iloc[0]!r} occurs in both the train and eval data")
@@ -218,7 +228,6 @@ def load_training_data(domain: str, data_path: str | Path, config: TrainConfig) 
     if domain == "finance":
         accounts = pd.concat([d.accounts for d in datasets], ignore_index=True).drop_duplicates(
             "account_id", ignore_index=True)
-    n_first = len(events_of(first))
     from_eval = np.r_[np.zeros(n_first, bool), np.ones(len(events) - n_first - n_reviewed, bool),
                       np.zeros(n_reviewed, bool)]
     paths = [str(Path(data_path).resolve())] + ([str(Path(config.eval_path).resolve())] if config.eval_path else [])
@@ -515,13 +524,14 @@ def evaluate_bundle(
 ) -> dict[str, float]:
     """Metrics of a bundle on the labelled events of ``data_path``.
 
-    Features are point-in-time over ``history_path`` (not scored; e.g. the training data) followed by the data,
-    with the bundle's outcome delay.
+    Features are point-in-time over ``history_path`` (not scored; e.g. the training data, as the service and
+    ``riskscore score`` use) followed by the data, with the bundle's outcome delay. Events of the history that
+    are also in the data count once, as data. ``history_events`` in the result is how many events remained.
     """
     fs = domain_feature_set(domain, bundle.label_delay_days)
     config = TrainConfig(label_delay_days=bundle.label_delay_days, cases_path=str(cases_path) if cases_path else None,
                          eval_path=str(data_path) if history_path else None, reviewer_outcomes=False)
-    data = load_training_data(domain, history_path or data_path, config)
+    data = load_training_data(domain, history_path or data_path, config, drop_overlap=True)
     if bundle.feature_set_version != fs.version:
         raise ValueError(f"the model was trained with feature set {bundle.feature_set_version!r} but this code "
                          f"computes {fs.version!r}")
@@ -533,8 +543,10 @@ def evaluate_bundle(
     features = fs.build(data.events, data.cases).iloc[pos]
     scores = bundle.predict(features)
     ev = data.events.iloc[pos]
-    return evaluate(
+    metrics = evaluate(
         y_all[pos], scores, capacity=capacity, threshold=bundle.threshold,
         revenue=ev["revenue"].to_numpy(float, na_value=0.0) if "revenue" in ev else None,
         typology=ev.get("typology", None),
     )
+    metrics["history_events"] = int((~scored).sum())
+    return metrics
