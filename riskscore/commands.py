@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 import pandas as pd
 
+from training.cli import history_for, history_options
+
 DOMAIN = click.option("--domain", type=click.Choice(["customs", "finance"]), required=True, help="Which model family.")
 
 
@@ -57,31 +59,20 @@ def features_cmd(domain: str, in_path: str, out_file: str, label_delay_days: flo
                f"in {time.perf_counter() - started:.1f}s")
 
 
-def _score_frame(domain: str, in_path: str, top_n: int):
-    """Champion bundle, version and explanations of every event in a file (history from training data)."""
-    from features.domains import events_of, feature_set
+def _score_frame(domain: str, in_path: str, top_n: int, history: Path | None, no_history: bool):
+    """Champion bundle, version, the file's events, features and explanations (features as
+    :func:`training.pipeline.features_over_history`, by default over the champion's training data)."""
+    from training.pipeline import features_over_history
     from training.registry import load_champion
 
     bundle, info = load_champion(domain)
-    fs = feature_set(domain, bundle.label_delay_days)
-    new = events_of(_load(domain, in_path, bundle.label_delay_days))
-    history = _load(domain, bundle.data_path, bundle.label_delay_days) if bundle.data_path else None
-    if history is not None:
-        past = events_of(history)
-        past = past[~past[fs.id_col].isin(new[fs.id_col])]
-        allevents = pd.concat([past, new.drop(columns=[fs.label_col], errors="ignore")], ignore_index=True)
-        cases = history.cases
-    else:
-        allevents, cases = new.drop(columns=[fs.label_col], errors="ignore"), None
-    allevents = allevents.sort_values(fs.time_col, kind="stable", ignore_index=True)
-    feats = fs.build(allevents, cases)
-    is_new = allevents[fs.id_col].isin(new[fs.id_col]).to_numpy()
-    feats, ids = feats[is_new], allevents.loc[is_new, fs.id_col]
+    history = history_for(bundle, history, no_history)
+    hf = features_over_history(bundle, domain, in_path, history_path=history)
     explanations = []
-    with click.progressbar(range(0, len(feats), 5000), label="scoring") as chunks:
+    with click.progressbar(range(0, len(hf.features), 5000), label="scoring") as chunks:
         for start in chunks:
-            explanations += bundle.explain(feats.iloc[start:start + 5000], top_n=top_n)
-    return bundle, info, ids, feats, explanations
+            explanations += bundle.explain(hf.features.iloc[start:start + 5000], top_n=top_n)
+    return bundle, info, hf, explanations
 
 
 @click.command("score")
@@ -89,11 +80,15 @@ def _score_frame(domain: str, in_path: str, top_n: int):
 @click.option("--in", "in_path", type=click.Path(exists=True), required=True, help="Events to score (CSV/Parquet).")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), required=True, help="Output .csv or .parquet.")
 @click.option("--top", "top_n", type=click.IntRange(1, 20), default=5, show_default=True, help="Reasons per item.")
-def score_cmd(domain: str, in_path: str, out_file: str, top_n: int) -> None:
-    """Batch-score a file offline with the registered champion: score, band, flag and top reasons."""
-    bundle, info, ids, _feats, explanations = _score_frame(domain, in_path, top_n)
+@history_options
+def score_cmd(domain: str, in_path: str, out_file: str, top_n: int, history: Path | None, no_history: bool) -> None:
+    """Batch-score a file offline with the registered champion: score, band, flag and top reasons.
+
+    Labels in the file (if any) count as outcomes known after the label delay, as in training and `evaluate`.
+    """
+    bundle, info, hf, explanations = _score_frame(domain, in_path, top_n, history, no_history)
     rows = []
-    for event_id, exp in zip(ids, explanations, strict=True):
+    for event_id, exp in zip(hf.events[hf.fs.id_col], explanations, strict=True):
         row = {"id": event_id, "score": exp.score, "band": exp.band, "flagged": exp.flagged,
                "base_value": exp.base_value, "model_version": str(info.version)}
         for rank, reason in enumerate(exp.reasons, start=1):
@@ -107,8 +102,8 @@ def score_cmd(domain: str, in_path: str, out_file: str, top_n: int) -> None:
         out.to_parquet(out_file, index=False)
     else:
         out.to_csv(out_file, index=False)
-    click.echo(f"scored {len(out):,} items with {bundle.domain} model v{info.version}: "
-               f"{int(out['flagged'].sum()):,} flagged -> {out_file}")
+    click.echo(f"scored {len(out):,} items with {bundle.domain} model v{info.version} "
+               f"(history: {hf.history_events:,} earlier events): {int(out['flagged'].sum()):,} flagged -> {out_file}")
 
 
 @click.command("drift")
@@ -119,12 +114,15 @@ def score_cmd(domain: str, in_path: str, out_file: str, top_n: int) -> None:
               help="Without --data: how many of the latest audited scores to compare.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--fail-on-retrain", is_flag=True, help="Exit with status 3 when retraining is due (for cron/CI).")
-def drift_cmd(domain: str, in_path: str | None, window: int, as_json: bool, fail_on_retrain: bool) -> None:
+@history_options
+def drift_cmd(domain: str, in_path: str | None, window: int, as_json: bool, fail_on_retrain: bool,
+              history: Path | None, no_history: bool) -> None:
     """PSI of each feature and of the score against the champion's training reference."""
     from training.drift import drift_report, drift_summary
 
     if in_path:
-        bundle, _info, _ids, feats, explanations = _score_frame(domain, in_path, 1)
+        bundle, _info, hf, explanations = _score_frame(domain, in_path, 1, history, no_history)
+        feats = hf.features
         scores = [e.score for e in explanations]
         source = in_path
     else:
@@ -151,7 +149,7 @@ def drift_cmd(domain: str, in_path: str | None, window: int, as_json: bool, fail
                                "report": report.to_dict(orient="records")}, indent=1))
     else:
         click.echo(f"{domain}: {len(scores):,} recent items ({source}) against {bundle.reference.get('rows', '?')} "
-                   "training rows")
+                   f"rows of the {bundle.reference.get('window', 'training')} window")
         click.echo(report.head(20).to_string(index=False))
         click.echo({"retrain": "retraining is due", "watch": "drift to watch", "ok": "no drift"}[summary["status"]])
     if fail_on_retrain and summary["retrain_due"]:

@@ -12,6 +12,7 @@ from training.metrics import (
     account_precision_recall_at_k,
     account_scores,
     capacity_key,
+    edge_for_top_share,
     evaluate,
     precision_recall_at,
     revenue_share_at,
@@ -89,6 +90,16 @@ def test_typology_recall_at_capacity():
     s = np.array([0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.3, 0.3, 0.3, 0.3])
     typ = pd.Series(["a", "a", "b", None, None, None, None, None, None, None], dtype="string")
     assert typology_recall(y, s, typ, 0.2) == {"a": 0.5, "b": 1.0}  # top 2 rows: 0 and 2
+
+
+def test_edge_for_top_share_keeps_a_tie_across_the_cut_below_it():
+    assert edge_for_top_share(S, 0.20) == threshold_for_capacity(S, 0.20)  # no ties: the k-th score
+    tied = np.r_[0.9, 0.6, 0.6, np.full(17, 0.1)]  # isotonic-like: one long run at the bottom
+    assert threshold_for_capacity(tied, 0.20) == 0.1  # flags all 20 rows
+    assert edge_for_top_share(tied, 0.20) == 0.6 and (tied >= 0.6).sum() == 3
+    assert edge_for_top_share(tied, 0.10) == 0.9  # the 0.6 pair crosses the 2-row cut
+    assert edge_for_top_share(np.full(5, 0.3), 0.2) == 0.3  # one group: nothing smaller to choose
+    assert edge_for_top_share(tied, 1.0) == 0.1
 
 
 def test_thresholds():

@@ -203,7 +203,7 @@ def test_drift_report_flags_shift_and_not_noise():
 
     rng = np.random.default_rng(0)
     train = pd.DataFrame({"amount": rng.lognormal(5, 1, 5000), "channel": rng.choice(["a", "b", "c"], 5000)})
-    ref = reference_profile(train, rng.beta(1, 20, 5000), ["channel"])
+    ref = reference_profile(train, rng.beta(1, 20, 5000), ["channel"], window="train")
     same = pd.DataFrame({"amount": rng.lognormal(5, 1, 2000), "channel": rng.choice(["a", "b", "c"], 2000)})
     ok = drift_summary(drift_report(ref, same, rng.beta(1, 20, 2000)))
     assert ok["status"] == "ok" and not ok["retrain_due"]

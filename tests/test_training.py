@@ -16,6 +16,7 @@ from features.synthetic import generate
 from training.calibrate import sigmoid
 from training.cli import evaluate_cmd, promote_cmd, train_cmd
 from training.lgbm import LGBMConfig
+from training.metrics import top_k
 from training.pipeline import TrainConfig, load_config, train
 from training.registry import NoChampionError, load_champion, promote
 from training.split import time_split
@@ -144,6 +145,33 @@ def test_logged_pyfunc_scores_like_the_bundle_without_pickles(first, tmp_path):
     out = model.predict(sample)
     np.testing.assert_allclose(out["score"].to_numpy(), first.bundle.predict(sample), atol=1e-12)
     assert set(out["band"]) <= set(first.bundle.bands) | {"low"}
+
+
+def test_bands_hold_their_shares_of_the_calibration_window(first):
+    """high = the threshold (top 5%), medium + high at most the top 20%: isotonic ties never inflate a band."""
+    bands, cal = first.bundle.bands, first.models["full"].scores["calibration"]
+    assert bands["low"] == 0.0 and bands["high"] == first.bundle.threshold
+    assert (cal >= bands.get("medium", bands["high"])).sum() <= top_k(len(cal), 0.20)
+
+
+def test_the_next_window_is_not_drifted_against_the_reference(first):
+    """The drift reference is the calibration window, out of sample for the trees and after the entity histories
+    have grown: the test window right after it raises fewer alarms than against the training window."""
+    from training.drift import drift_report, reference_profile
+    from training.pipeline import chunked
+
+    ref = first.bundle.reference
+    assert ref["window"] == "calibration" and ref["rows"] == len(first.split["calibration"])
+    rows = {w: first.features.iloc[first.split[w]][first.fs.names] for w in ("train", "test")}
+    in_sample = first.models["full"].calibrator(chunked(first.lgbm.raw_margin, rows["train"]))
+    train_ref = reference_profile(rows["train"], in_sample, first.fs.categorical, window="train")
+
+    def alarms(profile) -> tuple[float, int]:
+        report = drift_report(profile, rows["test"], first.models["full"].scores["test"])
+        return report.loc[report["name"] == "score", "psi"].iloc[0], int((report["status"] == "retrain").sum())
+
+    (score_psi, n), (_, n_train) = alarms(ref), alarms(train_ref)
+    assert score_psi < 0.1 and n < n_train
 
 
 def test_calibration_beats_sigmoid_of_raw_margin(first):

@@ -11,6 +11,28 @@ DOMAIN = click.Choice(["customs", "finance"])
 EXISTING = click.Path(exists=True, path_type=Path)
 
 
+def history_options(command):
+    """``--history PATH`` / ``--no-history`` of the commands that compute features of a file with a model."""
+    command = click.option("--no-history", is_flag=True,
+                           help="Features from the file alone (a cold entity history).")(command)
+    return click.option("--history", type=EXISTING,
+                        help="Earlier events that features look back on; not scored. Default: the model's training "
+                             "data, the history the service starts from.")(command)
+
+
+def history_for(bundle, history: Path | None, no_history: bool) -> Path | None:
+    """The history a command's features look back on: ``--history``, none, or the bundle's training data."""
+    if history is not None and no_history:
+        raise click.UsageError("--history and --no-history exclude each other")
+    if history is not None or no_history or not bundle.data_path:
+        return history
+    default = Path(bundle.data_path)
+    if not default.exists():
+        raise click.ClickException(f"the model's training data {default} (the default history) is not here; "
+                                   "pass --history PATH or --no-history")
+    return default
+
+
 def _one_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -107,10 +129,7 @@ def promote_cmd(domain: str, version: str, reason: str, by: str | None) -> None:
 @click.option("--data", type=EXISTING, required=True, help="Labelled dataset to evaluate on.")
 @click.option("--version", help="Registered version number (default: the alias).")
 @click.option("--alias", default="champion", show_default=True, help="Registered alias when --version is not given.")
-@click.option("--history", type=EXISTING,
-              help="Earlier events that features may look back on; not scored. Default: the model's training "
-                   "data, the history the service and `riskscore score` start from.")
-@click.option("--no-history", is_flag=True, help="Features from the evaluated file alone (cold entity history).")
+@history_options
 @click.option("--cases", "cases_path", type=EXISTING, help="Extra reviewer outcomes (cases table).")
 @click.option("--capacity", type=float, default=0.05, show_default=True, help="Review capacity for the metrics.")
 def evaluate_cmd(domain: str, data: Path, version: str | None, alias: str, history: Path | None, no_history: bool,
@@ -120,16 +139,12 @@ def evaluate_cmd(domain: str, data: Path, version: str | None, alias: str, histo
     from training.pipeline import evaluate_bundle
     from training.registry import load_model
 
-    if history is not None and no_history:
-        raise click.UsageError("--history and --no-history exclude each other")
     try:
         bundle, mv = load_model(domain, version=version, alias=None if version else alias)
-        if history is None and not no_history and bundle.data_path:
-            history = Path(bundle.data_path)
-            if not history.exists():
-                raise FileNotFoundError(f"the model's training data {history} (the default history) is not here; "
-                                        "pass --history PATH or --no-history")
+        history = history_for(bundle, history, no_history)
         m = evaluate_bundle(bundle, domain, data, history_path=history, cases_path=cases_path, capacity=capacity)
+    except click.ClickException:
+        raise
     except Exception as err:
         raise click.ClickException(_one_line(err)) from err
     click.echo(f"{mv.name} v{mv.version} on {data.name}: {int(m['rows'])} labelled events, "

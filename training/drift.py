@@ -11,9 +11,9 @@ PSI_RETRAIN = 0.25
 _EPS = 1e-4
 
 
-def reference_profile(features: pd.DataFrame, scores: np.ndarray, categorical: list[str]) -> dict:
-    """Bins and shares of every feature and of the score on the training window (stored in the bundle)."""
-    profile: dict = {"features": {}, "rows": len(features)}
+def reference_profile(features: pd.DataFrame, scores: np.ndarray, categorical: list[str], *, window: str) -> dict:
+    """Bins and shares of every feature and of the score on a reference window (stored in the bundle)."""
+    profile: dict = {"features": {}, "rows": len(features), "window": window}
     for col in features.columns:
         profile["features"][col] = _profile(features[col], col in categorical)
     profile["score"] = _profile(pd.Series(scores), False)

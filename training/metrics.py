@@ -161,6 +161,20 @@ def threshold_for_capacity(scores, capacity: float = 0.05) -> float:
     return float(s[top_k(len(s), capacity) - 1])
 
 
+def edge_for_top_share(scores, share: float) -> float:
+    """Lowest score edge at or above which at most the top ``share`` of rows lies (``ceil(share*n)`` rows),
+    counting whole tie groups: a tie across the cut (isotonic calibration gives long runs of one score) stays
+    below the edge. When the top tie group alone is larger, its score."""
+    s = np.sort(np.asarray(scores, dtype=float))[::-1]
+    if len(s) == 0:
+        raise ValueError("no scores to choose an edge from")
+    k = top_k(len(s), share)
+    if k == len(s) or s[k] != s[k - 1]:
+        return float(s[k - 1])
+    first_of_tie = int(np.searchsorted(-s, -s[k - 1], side="left"))
+    return float(s[max(first_of_tie - 1, 0)])
+
+
 def threshold_for_precision(y, scores, target: float) -> float:
     """Lowest threshold whose flagged set (score >= threshold) reaches ``target`` precision.
 

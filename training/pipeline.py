@@ -32,6 +32,7 @@ from training.metrics import (
     account_precision_recall_at_k,
     account_scores,
     capacity_key,
+    edge_for_top_share,
     evaluate,
     threshold_for_capacity,
     threshold_for_precision,
@@ -316,9 +317,18 @@ def baseline_sample(n: int, max_rows: int | None, seed: int) -> np.ndarray | Non
     return np.sort(np.random.default_rng([seed, 11]).choice(n, size=max_rows, replace=False))
 
 
+# The drift reference: the latest window the model was fitted on (its calibration) and that its trees never saw.
+# In-sample training-window scores are more extreme than any later window's, and entity-history features
+# (days since first seen, counts) grow through the training window: on public customs data a training-window
+# reference called the very next window drifted (score PSI 0.46, 27 of 74 features >= 0.25); this one gives
+# score PSI 0.01.
+DRIFT_WINDOW = "calibration"
+
+
 def _bands(threshold: float, cal_scores: np.ndarray, capacity: float) -> dict[str, float]:
-    """low / medium / high lower edges: high = threshold, medium = top ``4 x capacity`` of the calibration window."""
-    medium = min(threshold_for_capacity(cal_scores, min(1.0, 4 * capacity)), threshold)
+    """low / medium / high lower edges: high = threshold, medium = at most the top ``4 x capacity`` of the
+    calibration window (a tie across that cut stays low)."""
+    medium = min(edge_for_top_share(cal_scores, min(1.0, 4 * capacity)), threshold)
     bands = {"low": 0.0, "high": float(threshold)}
     if medium < threshold:
         bands["medium"] = float(medium)
@@ -441,7 +451,6 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
     lap("lgbm_raw")
 
     best = models["full"]
-    train_scores = best.calibrator(chunked(full.raw_margin, X["train"]))
     test_metrics = dict(best.metrics["test"])
     test_metrics.update(brier_report(best.margins["test"], y["test"], best.calibrator))
     bundle = ModelBundle(
@@ -449,8 +458,9 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
         booster=full.booster, calibrator=best.calibrator, threshold=best.threshold,
         bands=_bands(best.threshold, best.scores["calibration"], config.capacity), feature_set_version=fs.version,
         label_delay_days=float(fs.label_delay.total_seconds() / 86_400), metrics=test_metrics,
-        reference=reference_profile(X["train"] if list(X["train"].columns) == fs.names else X["train"][fs.names],
-                                    train_scores, fs.categorical),
+        reference=reference_profile(X[DRIFT_WINDOW] if list(X[DRIFT_WINDOW].columns) == fs.names
+                                    else X[DRIFT_WINDOW][fs.names], best.scores[DRIFT_WINDOW], fs.categorical,
+                                    window=DRIFT_WINDOW),
         data_path=data.paths[0],
     )
     table = metric_table(models)
@@ -518,35 +528,56 @@ def format_table(result: TrainResult) -> str:
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
+@dataclass
+class HistoryFeatures:
+    """Events of a file and their point-in-time features over a history (:func:`features_over_history`)."""
+
+    fs: FeatureSet
+    events: pd.DataFrame  # the file's events, in file order
+    features: pd.DataFrame  # their model-input features, same rows
+    history_events: int  # events of the history that the features looked back on
+
+
+def features_over_history(
+    bundle: ModelBundle, domain: str, data_path: str | Path, *, history_path: str | Path | None = None,
+    cases_path: str | Path | None = None,
+) -> HistoryFeatures:
+    """Features of the events of ``data_path``, point-in-time over ``history_path`` followed by the data.
+
+    The history (e.g. the model's training data, which the service starts from) is not scored; its events that
+    are also in the data count once, as data. Labels in either file are outcomes known after the bundle's label
+    delay, as in training: they reach later events' features, never the event's own.
+    """
+    fs = domain_feature_set(domain, bundle.label_delay_days)
+    if bundle.feature_set_version != fs.version:
+        raise ValueError(f"the model was trained with feature set {bundle.feature_set_version!r} but this code "
+                         f"computes {fs.version!r}")
+    config = TrainConfig(label_delay_days=bundle.label_delay_days, cases_path=str(cases_path) if cases_path else None,
+                         eval_path=str(data_path) if history_path else None, reviewer_outcomes=False)
+    data = load_training_data(domain, history_path or data_path, config, drop_overlap=True)
+    rows = np.flatnonzero(data.from_eval) if history_path else np.arange(len(data.events))
+    features = fs.build(data.events, data.cases).iloc[rows]
+    return HistoryFeatures(fs=fs, events=data.events.iloc[rows], features=features,
+                           history_events=len(data.events) - len(rows))
+
+
 def evaluate_bundle(
     bundle: ModelBundle, domain: str, data_path: str | Path, *, history_path: str | Path | None = None,
     cases_path: str | Path | None = None, capacity: float = 0.05,
 ) -> dict[str, float]:
-    """Metrics of a bundle on the labelled events of ``data_path``.
-
-    Features are point-in-time over ``history_path`` (not scored; e.g. the training data, as the service and
-    ``riskscore score`` use) followed by the data, with the bundle's outcome delay. Events of the history that
-    are also in the data count once, as data. ``history_events`` in the result is how many events remained.
-    """
-    fs = domain_feature_set(domain, bundle.label_delay_days)
-    config = TrainConfig(label_delay_days=bundle.label_delay_days, cases_path=str(cases_path) if cases_path else None,
-                         eval_path=str(data_path) if history_path else None, reviewer_outcomes=False)
-    data = load_training_data(domain, history_path or data_path, config, drop_overlap=True)
-    if bundle.feature_set_version != fs.version:
-        raise ValueError(f"the model was trained with feature set {bundle.feature_set_version!r} but this code "
-                         f"computes {fs.version!r}")
-    scored = data.from_eval if history_path else np.ones(len(data.events), bool)
-    y_all = _labels(data.events, fs).to_numpy(float)
-    pos = np.flatnonzero(scored & ~np.isnan(y_all))
+    """Metrics of a bundle on the labelled events of ``data_path``, features as :func:`features_over_history`
+    (``history_events`` in the result: how many history events they looked back on)."""
+    hf = features_over_history(bundle, domain, data_path, history_path=history_path, cases_path=cases_path)
+    y_all = _labels(hf.events, hf.fs).to_numpy(float)
+    pos = np.flatnonzero(~np.isnan(y_all))
     if not len(pos):
-        raise ValueError(f"no labelled events ({fs.label_col}) in {data_path}")
-    features = fs.build(data.events, data.cases).iloc[pos]
-    scores = bundle.predict(features)
-    ev = data.events.iloc[pos]
+        raise ValueError(f"no labelled events ({hf.fs.label_col}) in {data_path}")
+    scores = bundle.predict(hf.features.iloc[pos])
+    ev = hf.events.iloc[pos]
     metrics = evaluate(
         y_all[pos], scores, capacity=capacity, threshold=bundle.threshold,
         revenue=ev["revenue"].to_numpy(float, na_value=0.0) if "revenue" in ev else None,
         typology=ev.get("typology", None),
     )
-    metrics["history_events"] = int((~scored).sum())
+    metrics["history_events"] = hf.history_events
     return metrics
