@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import click
@@ -59,7 +60,12 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="riskscore")
 def cli(verbose: bool) -> None:
     """riskscore: risk scores with explanations for customs shipments and money flows."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    level = logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:  # libraries that set their own loggers to INFO (Dask, MLflow)
+        handler.setLevel(level)                   # still reach this handler: it filters too
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported (lazily, later)
 
 
 def main() -> None:

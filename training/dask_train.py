@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import time
+import warnings
 from dataclasses import asdict
 
 import lightgbm as lgb
@@ -108,7 +109,9 @@ def fit_lgbm_dask(
     workers = max(1, len(client.scheduler_info()["workers"]))
     X, y = _to_dask(model_matrix(X_train, names, levels), y_train, workers)
     model = DaskLGBMClassifier(client=client, n_estimators=rounds, **local)
-    model.fit(X, y, categorical_feature=list(levels) or "auto")
+    with warnings.catch_warnings():  # the sklearn wrapper always passes n_jobs, which lightgbm.dask then drops
+        warnings.filterwarnings("ignore", message="Parameter n_jobs will be ignored", category=UserWarning)
+        model.fit(X, y, categorical_feature=list(levels) or "auto")
     booster = model.booster_
     best, score = best_iteration(booster, model_matrix(X_valid, names, levels), y_valid, step)
     trimmed = lgb.Booster(model_str=booster.model_to_string(num_iteration=best))
