@@ -29,7 +29,7 @@ SHORT_HELP = {
     "promote": "Promote a registered model version to champion by hand.",
     "evaluate": "Metrics of a registered model on a labelled file.",
     "score": "Batch-score a file offline with the champion, writing scores and top reasons.",
-    "drift": "Feature and score drift of recent scores against the training reference.",
+    "drift": "Feature and score drift of recent scores against the model's reference window.",
     "serve": "Start the BentoML scoring service locally.",
     "keys": "Create API keys (only their hashes are stored).",
     "demo": "Run the whole job end to end on synthetic data.",

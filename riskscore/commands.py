@@ -117,7 +117,7 @@ def score_cmd(domain: str, in_path: str, out_file: str, top_n: int, history: Pat
 @history_options
 def drift_cmd(domain: str, in_path: str | None, window: int, as_json: bool, fail_on_retrain: bool,
               history: Path | None, no_history: bool) -> None:
-    """PSI of each feature and of the score against the champion's training reference."""
+    """PSI of each feature and of the score against the champion's reference (its calibration window)."""
     from training.drift import drift_report, drift_summary
 
     if in_path:

@@ -671,7 +671,7 @@ class AuditStore:
     def recent_features(self, domain: str, limit: int = 5000, model_version: str | None = None,
                         ) -> tuple[pd.DataFrame, np.ndarray]:
         """Features (one row per score, oldest first) and scores of the latest ``limit`` scored items of
-        ``domain`` (optionally of one model version): what drift monitoring compares to the training reference."""
+        ``domain`` (optionally of one model version): what drift monitoring compares to the model's reference."""
         query = (sa.select(scores.c.features_json, scores.c.score).where(scores.c.domain == domain)
                  .order_by(scores.c.seq.desc()).limit(max(1, int(limit))))
         if model_version is not None:

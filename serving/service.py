@@ -19,8 +19,8 @@ Every authenticated call spends a token of its key's rate limit (:class:`serving
 ``Retry-After``). A failed champion reload keeps the previous champion serving, logs the reason and shows it
 in ``/readyz`` (``"status": "degraded"``, ``domains.<d>.reload_error``) until a reload of that domain succeeds.
 Drift gauges (``riskscore_feature_psi``, ``riskscore_score_psi``, ``riskscore_drift_retrain_due``) compare the
-latest ``$RISKSCORE_DRIFT_WINDOW`` audited items of each champion to its training reference; they are refreshed
-when ``/metrics`` is scraped, at most every ``$RISKSCORE_DRIFT_INTERVAL_S`` seconds.
+latest ``$RISKSCORE_DRIFT_WINDOW`` audited items of each champion to its reference (calibration window); they are
+refreshed when ``/metrics`` is scraped, at most every ``$RISKSCORE_DRIFT_INTERVAL_S`` seconds.
 """
 
 from __future__ import annotations

@@ -214,7 +214,7 @@ def test_drift_report_flags_shift_and_not_noise():
 
 @server_test
 def test_drift_reference_gauges_and_cli(server: Server):
-    """The champion carries its training reference; /metrics shows PSI gauges from the audited scores; the CLI
+    """The champion carries its drift reference; /metrics shows PSI gauges from the audited scores; the CLI
     reads the same audit rows and says whether retraining is due."""
     from click.testing import CliRunner
 
