@@ -232,12 +232,12 @@ FEATURES = [
     ),
     *(FeatureDef(f"{label}_count_90d", f"Declarations of same {label.replace('_', ' x ').upper()} in the last 90 days")
       for label in ("hs6", "hs6_origin", "hs4")),
-    FeatureDef("risk_origin", "Learned fraud rate of origin country"),
-    FeatureDef("risk_route", "Learned fraud rate of departure→origin route"),
+    FeatureDef("risk_origin", "Learned fraud rate of origin country", learned_rate=True),
+    FeatureDef("risk_route", "Learned fraud rate of departure→origin route", learned_rate=True),
     FeatureDef("risk_hs6", "Learned fraud rate of HS6 code"),
-    FeatureDef("risk_hs2", "Learned fraud rate of HS chapter"),
-    FeatureDef("risk_office", "Learned fraud rate of customs office"),
-    FeatureDef("risk_tax_type", "Learned fraud rate of tariff type"),
+    FeatureDef("risk_hs2", "Learned fraud rate of HS chapter", learned_rate=True),
+    FeatureDef("risk_office", "Learned fraud rate of customs office", learned_rate=True),
+    FeatureDef("risk_tax_type", "Learned fraud rate of tariff type", learned_rate=True),
     *(
         FeatureDef(f"{prefix}_{name}", f"{head} {text}")
         for name, _keys, text in EXACT

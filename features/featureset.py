@@ -56,11 +56,14 @@ class SpecLike(Protocol):
 
 @dataclass(frozen=True)
 class FeatureDef:
-    """A model input: column name, human-readable label, and whether it is categorical."""
+    """A model input: column name, human-readable label, whether it is categorical, and whether it is a rate
+    learned from outcomes for a category that is itself an input (``learned_rate``: its values move by design as
+    outcomes accrue, so drift monitoring shows its shift but never calls for retraining on it alone)."""
 
     name: str
     label: str
     categorical: bool = False
+    learned_rate: bool = False
 
 
 @dataclass
@@ -91,6 +94,10 @@ class FeatureSet:
     @property
     def categorical(self) -> list[str]:
         return [f.name for f in self.features if f.categorical]
+
+    @property
+    def learned_rates(self) -> list[str]:
+        return [f.name for f in self.features if f.learned_rate]
 
     @property
     def labels(self) -> dict[str, str]:

@@ -151,6 +151,10 @@ def drift_cmd(domain: str, in_path: str | None, window: int, as_json: bool, fail
         click.echo(f"{domain}: {len(scores):,} recent items ({source}) against {bundle.reference.get('rows', '?')} "
                    f"rows of the {bundle.reference.get('window', 'training')} window")
         click.echo(report.head(20).to_string(index=False))
+        learned = [name for name, prof in bundle.reference["features"].items() if prof.get("watch_only")]
+        if learned and (report["name"].isin(learned) & (report["status"] != "ok")).any():
+            click.echo(f"(learned outcome rates, at most `watch`: {', '.join(learned)}; their values move as outcomes "
+                       "accrue)")
         click.echo({"retrain": "retraining is due", "watch": "drift to watch", "ok": "no drift"}[summary["status"]])
     if fail_on_retrain and summary["retrain_due"]:
         raise SystemExit(3)

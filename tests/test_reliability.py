@@ -212,6 +212,21 @@ def test_drift_report_flags_shift_and_not_noise():
     assert bad["retrain_due"] and {w["name"] for w in bad["worst"][:3]} == {"amount", "channel", "score"}
 
 
+def test_learned_rates_drift_up_to_watch_only():
+    """A learned outcome rate (its values move as outcomes accrue) is reported, but never calls for retraining."""
+    from training.drift import drift_report, drift_summary, reference_profile
+
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame({"amount": rng.lognormal(5, 1, 3000), "risk_origin": 0.223 + rng.normal(0, 1e-4, 3000)})
+    ref = reference_profile(frame, rng.beta(1, 20, 3000), [], window="calibration", learned_rates=["risk_origin"])
+    moved = frame.assign(risk_origin=frame["risk_origin"] - 0.0013)  # one country's rate, a little lower
+    report = drift_report(ref, moved, rng.beta(1, 20, 3000)).set_index("name")
+    assert report.loc["risk_origin", "psi"] > 1.0 and report.loc["risk_origin", "status"] == "watch"
+    assert not drift_summary(report.reset_index())["retrain_due"]
+    unmarked = reference_profile(frame, rng.beta(1, 20, 3000), [], window="calibration")
+    assert drift_summary(drift_report(unmarked, moved, rng.beta(1, 20, 3000)))["retrain_due"]
+
+
 @server_test
 def test_drift_reference_gauges_and_cli(server: Server):
     """The champion carries its drift reference; /metrics shows PSI gauges from the audited scores; the CLI

@@ -11,11 +11,18 @@ PSI_RETRAIN = 0.25
 _EPS = 1e-4
 
 
-def reference_profile(features: pd.DataFrame, scores: np.ndarray, categorical: list[str], *, window: str) -> dict:
-    """Bins and shares of every feature and of the score on a reference window (stored in the bundle)."""
+def reference_profile(features: pd.DataFrame, scores: np.ndarray, categorical: list[str], *, window: str,
+                      learned_rates: list[str] | tuple = ()) -> dict:
+    """Bins and shares of every feature and of the score on a reference window (stored in the bundle).
+
+    ``learned_rates`` (``FeatureSet.learned_rates``) are marked ``watch_only``: their drift is reported up to
+    ``watch``, never ``retrain``.
+    """
     profile: dict = {"features": {}, "rows": len(features), "window": window}
     for col in features.columns:
         profile["features"][col] = _profile(features[col], col in categorical)
+        if col in learned_rates:
+            profile["features"][col]["watch_only"] = True
     profile["score"] = _profile(pd.Series(scores), False)
     return profile
 
@@ -63,17 +70,20 @@ def feature_psi(profile: dict, values: pd.Series) -> float:
 
 
 def drift_report(profile: dict, features: pd.DataFrame, scores: np.ndarray) -> pd.DataFrame:
-    """PSI per feature and for the score, with a status: ok, watch (>= 0.1) or retrain (>= 0.25)."""
+    """PSI per feature and for the score, with a status: ok, watch (>= 0.1) or retrain (>= 0.25; ``watch`` for
+    the profile's ``watch_only`` features, the learned outcome rates of :func:`reference_profile`)."""
     rows = [
-        {"name": col, "psi": feature_psi(prof, features[col])}
+        {"name": col, "psi": feature_psi(prof, features[col]), "watch_only": bool(prof.get("watch_only"))}
         for col, prof in profile["features"].items()
         if col in features.columns
     ]
-    rows.append({"name": "score", "psi": feature_psi(profile["score"], pd.Series(scores))})
+    rows.append({"name": "score", "psi": feature_psi(profile["score"], pd.Series(scores)), "watch_only": False})
     report = pd.DataFrame(rows)
     report["status"] = np.select(
-        [report["psi"] >= PSI_RETRAIN, report["psi"] >= PSI_WATCH], ["retrain", "watch"], "ok"
+        [(report["psi"] >= PSI_RETRAIN) & ~report["watch_only"], report["psi"] >= PSI_WATCH], ["retrain", "watch"],
+        "ok",
     )
+    report = report.drop(columns="watch_only")
     return report.sort_values("psi", ascending=False, ignore_index=True)
 
 

@@ -460,7 +460,7 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
         label_delay_days=float(fs.label_delay.total_seconds() / 86_400), metrics=test_metrics,
         reference=reference_profile(X[DRIFT_WINDOW] if list(X[DRIFT_WINDOW].columns) == fs.names
                                     else X[DRIFT_WINDOW][fs.names], best.scores[DRIFT_WINDOW], fs.categorical,
-                                    window=DRIFT_WINDOW),
+                                    window=DRIFT_WINDOW, learned_rates=fs.learned_rates),
         data_path=data.paths[0],
     )
     table = metric_table(models)
