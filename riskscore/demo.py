@@ -102,6 +102,8 @@ def demo_cmd(customs_rows: int, finance_rows: int, seed: int, port: int, keep_se
     from features.synthetic import generate
     from training.pipeline import TrainConfig, train
 
+    if port and (problem := local_server.port_in_use("127.0.0.1", port)):  # before minutes of training
+        raise click.ClickException(problem)
     home = config.home()
     home.mkdir(parents=True, exist_ok=True)
     rows = {"customs": customs_rows, "finance": finance_rows}

@@ -9,9 +9,7 @@ import sys
 
 import click
 
-from serving import auth
-
-SERVICE = "serving.service:RiskScore"
+from serving import auth, local_server
 
 
 @click.command("serve")
@@ -31,9 +29,11 @@ def serve_cmd(port: int, host: str, domains: str | None, workers: int | None, ch
         env["RISKSCORE_DOMAINS"] = domains
     if workers:
         env["RISKSCORE_WORKERS"] = str(workers)
+    if problem := local_server.port_in_use(host, port):
+        raise click.ClickException(problem)
     if check:
         _preflight(env.get("RISKSCORE_DOMAINS"))
-    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "bentoml", "serve", local_server.SERVICE, "--host", host, "--port", str(port)]
     click.echo(f"riskscore: serving on http://{host}:{port} (Ctrl+C to stop)", err=True)
     proc = subprocess.Popen(cmd, env=env)
 

@@ -27,6 +27,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why the server could not bind ``host:port`` (in use, no such address), or None when it can.
+
+    Checked before starting BentoML, whose own bind error is a long traceback; another process may still take the
+    port in between, and then that error stands.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        return f"cannot bind {host}:{port}: {err.strerror}"
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is not "in use"
+        try:
+            sock.bind(address)
+        except OSError as err:
+            return f"cannot bind {host}:{port}: {err.strerror}; choose another --port"
+    return None
+
+
 def launch(env: dict[str, str], log: Path, port: int, cwd: Path | None = None) -> subprocess.Popen:
     """Start ``bentoml serve serving.service:RiskScore`` on 127.0.0.1:``port``, output appended to ``log``."""
     with Path(log).open("ab") as out:

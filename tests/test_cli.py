@@ -88,6 +88,20 @@ def test_errors_are_one_line_with_nonzero_exit(env: dict[str, str]) -> None:
     assert no_model.returncode != 0 and len(no_model.stderr.strip().splitlines()) == 1, no_model.stderr
 
 
+def test_a_port_in_use_is_a_one_line_error_before_any_work(env: dict[str, str]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for args in (("serve", "--port", port), ("demo", "--port", port, "--customs-rows", "2000")):
+            proc = run(env, *args, ok=False)
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            assert proc.returncode != 0 and len(lines) == 1 and "in use" in lines[0], proc.stderr
+    assert not (Path(env["RISKSCORE_HOME"]) / "demo").exists()  # the demo stopped before generating data
+
+
 @pytest.mark.slow
 @pytest.mark.server
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
