@@ -30,10 +30,13 @@ EXACT_SMOOTHING = 2.0  # pseudo-count of entity and exact-value rates (few, very
 # same at every point in time, so train and later windows see one distribution.
 PRIOR = 0.2
 
-CATEGORICAL = (
-    "office_id", "process_type", "import_type", "import_use", "payment_type", "transport_mode",
-    "tax_type", "origin_indicator", "country_origin", "country_departure", "hs2",
-)
+CATEGORICAL_LABELS = {  # the declaration's own categorical fields, as a reviewer reads them
+    "office_id": "Customs office", "process_type": "Clearance process type", "import_type": "Import type",
+    "import_use": "Import use", "payment_type": "Payment type", "transport_mode": "Mode of transport",
+    "tax_type": "Tariff type", "origin_indicator": "Country-of-origin indicator", "country_origin": "Country of origin",
+    "country_departure": "Country of departure", "hs2": "HS chapter (2 digits)",
+}
+CATEGORICAL = tuple(CATEGORICAL_LABELS)
 
 
 def prepare_columns(decl: Columns) -> dict[str, np.ndarray]:
@@ -191,7 +194,7 @@ def derive(f: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 FEATURES = [
-    *(FeatureDef(c, c.replace("_", " ").capitalize(), categorical=True) for c in CATEGORICAL),
+    *(FeatureDef(c, label, categorical=True) for c, label in CATEGORICAL_LABELS.items()),
     FeatureDef("tax_rate", "Tariff rate (%)"),
     FeatureDef("log_price", "Declared price (log)"),
     FeatureDef("log_mass", "Net mass (log kg)"),
