@@ -240,7 +240,7 @@ def test_manual_promote_records_reason(worse, first):
 def test_evaluate_command_prints_metrics(first, customs_dir):
     out = CliRunner().invoke(evaluate_cmd, ["--domain", "customs", "--data", str(customs_dir)])
     assert out.exit_code == 0, out.output
-    for text in ("PR-AUC", "ROC-AUC", "1%", "2%", "5%", "10%"):
+    for text in ("PR-AUC", "ROC-AUC", "1%", "2%", "5%", "10%", "revenue", "by typology: ", "undervaluation"):
         assert text in out.output
 
 

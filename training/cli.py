@@ -151,9 +151,17 @@ def evaluate_cmd(domain: str, data: Path, version: str | None, alias: str, histo
                f"{int(m['positives'])} positives")
     click.echo(f"  history: {history.name if history else 'none'} ({m['history_events']:,} earlier events)")
     click.echo(f"  PR-AUC  {m['pr_auc']:.4f}\n  ROC-AUC {m['roc_auc']:.4f}\n  Brier   {m['brier']:.4f}")
-    click.echo(f"  {'top':>5s} {'precision':>10s} {'recall':>8s}")
-    for frac in sorted({*TOP_FRACTIONS, capacity}):
+    fractions = sorted({*TOP_FRACTIONS, capacity})
+    revenue = all(f"revenue_share_at_{pct_label(f)}pct" in m for f in fractions)  # where the data has revenue
+    click.echo(f"  {'top':>5s} {'precision':>10s} {'recall':>8s}" + (f" {'revenue':>8s}" if revenue else ""))
+    for frac in fractions:
         p = pct_label(frac)
-        click.echo(f"  {p + '%':>5s} {m[f'precision_at_{p}pct']:10.4f} {m[f'recall_at_{p}pct']:8.4f}")
+        click.echo(f"  {p + '%':>5s} {m[f'precision_at_{p}pct']:10.4f} {m[f'recall_at_{p}pct']:8.4f}"
+                   + (f" {m[f'revenue_share_at_{p}pct']:8.4f}" if revenue else ""))
     click.echo(f"  threshold {bundle.threshold:.4f}: flags {m['flag_rate']:.2%}, precision "
                f"{m['precision_at_threshold']:.4f}, recall {m['recall_at_threshold']:.4f}")
+    typologies = {k.removeprefix("recall_"): v for k, v in m.items()
+                  if k.startswith("recall_") and not k.startswith("recall_at_")}
+    if typologies:
+        click.echo(f"  recall in the top {pct_label(capacity)}% by typology: "
+                   + ", ".join(f"{name} {value:.3f}" for name, value in sorted(typologies.items())))
