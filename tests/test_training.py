@@ -265,6 +265,10 @@ def test_finance_account_metrics(store, tmp_path):
         assert key in test and 0.0 <= test[key] <= 1.0, key
     assert any(k.startswith("recall_") and k not in ("recall_at_threshold",) for k in test)
     assert result.model_version is None and result.run_id is None
+    from training.pipeline import evaluate_bundle
+
+    evaluated = evaluate_bundle(result.bundle, "finance", data)  # `riskscore evaluate` reports accounts too
+    assert evaluated["account_k"] >= 1 and 0.0 <= evaluated["account_precision_at_k"] <= 1.0
 
 
 def test_cli_train_with_train_and_eval_files(store, tmp_path):

@@ -160,6 +160,9 @@ def evaluate_cmd(domain: str, data: Path, version: str | None, alias: str, histo
                    + (f" {m[f'revenue_share_at_{p}pct']:8.4f}" if revenue else ""))
     click.echo(f"  threshold {bundle.threshold:.4f}: flags {m['flag_rate']:.2%}, precision "
                f"{m['precision_at_threshold']:.4f}, recall {m['recall_at_threshold']:.4f}")
+    if "account_k" in m:
+        click.echo(f"  accounts: the top {int(m['account_k']):,} by their highest transfer score: precision "
+                   f"{m['account_precision_at_k']:.4f}, recall {m['account_recall_at_k']:.4f}")
     typologies = {k.removeprefix("recall_"): v for k, v in m.items()
                   if k.startswith("recall_") and not k.startswith("recall_at_")}
     if typologies:

@@ -352,14 +352,22 @@ def _window_metrics(
         )
         if name != "baseline":
             m["brier_uncalibrated"] = float(np.mean((sigmoid(margins[window]) - y) ** 2))
-        if data.accounts is not None and "is_fraud" in data.accounts and all(c in ev for c in ACCOUNT_COLS):
-            acc = account_scores(ev, scores[window], ACCOUNT_COLS)
-            labels = data.accounts.set_index(data.accounts["account_id"].astype(str))["is_fraud"].astype(float)
-            k = top_k(len(acc), config.capacity)
-            m["account_k"] = float(k)
-            m["account_precision_at_k"], m["account_recall_at_k"] = account_precision_recall_at_k(acc, labels, k)
+        m.update(account_metrics(ev, scores[window], data.accounts, config.capacity))
         out[window] = m
     return out
+
+
+def account_metrics(transfers: pd.DataFrame, scores: np.ndarray, accounts: pd.DataFrame | None,
+                    capacity: float) -> dict[str, float]:
+    """Finance: precision and recall of the top ``capacity`` share of accounts active in ``transfers`` (account
+    score = its highest transfer score; labels from the accounts table's ``is_fraud``). Empty without them."""
+    if accounts is None or "is_fraud" not in accounts or not all(c in transfers for c in ACCOUNT_COLS):
+        return {}
+    acc = account_scores(transfers, scores, ACCOUNT_COLS)
+    labels = accounts.set_index(accounts["account_id"].astype(str))["is_fraud"].astype(float)
+    k = top_k(len(acc), capacity)
+    precision, recall = account_precision_recall_at_k(acc, labels, k)
+    return {"account_k": float(k), "account_precision_at_k": precision, "account_recall_at_k": recall}
 
 
 def _finish_model(
@@ -536,6 +544,7 @@ class HistoryFeatures:
     events: pd.DataFrame  # the file's events, in file order
     features: pd.DataFrame  # their model-input features, same rows
     history_events: int  # events of the history that the features looked back on
+    accounts: pd.DataFrame | None = None  # finance: the accounts table (account labels), when the data has one
 
 
 def features_over_history(
@@ -558,7 +567,7 @@ def features_over_history(
     rows = np.flatnonzero(data.from_eval) if history_path else np.arange(len(data.events))
     features = fs.build(data.events, data.cases).iloc[rows]
     return HistoryFeatures(fs=fs, events=data.events.iloc[rows], features=features,
-                           history_events=len(data.events) - len(rows))
+                           history_events=len(data.events) - len(rows), accounts=data.accounts)
 
 
 def evaluate_bundle(
@@ -579,5 +588,6 @@ def evaluate_bundle(
         revenue=ev["revenue"].to_numpy(float, na_value=0.0) if "revenue" in ev else None,
         typology=ev.get("typology", None),
     )
+    metrics.update(account_metrics(ev, scores, hf.accounts, capacity))
     metrics["history_events"] = hf.history_events
     return metrics
