@@ -120,6 +120,8 @@ def drift_cmd(domain: str, in_path: str | None, window: int, as_json: bool, fail
     """PSI of each feature and of the score against the champion's reference (its calibration window)."""
     from training.drift import drift_report, drift_summary
 
+    if not in_path and (history or no_history):
+        raise click.UsageError("--history and --no-history apply to --data (audited scores have their features)")
     if in_path:
         bundle, _info, hf, explanations = _score_frame(domain, in_path, 1, history, no_history)
         feats = hf.features

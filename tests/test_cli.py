@@ -86,6 +86,8 @@ def test_errors_are_one_line_with_nonzero_exit(env: dict[str, str]) -> None:
     no_model = run({**env, "RISKSCORE_MODEL_FINANCE": "no-such-model"}, "score", "--domain", "finance", "--in",
                    str(root / "bad"), "--out", str(root / "y.csv"), ok=False)
     assert no_model.returncode != 0 and len(no_model.stderr.strip().splitlines()) == 1, no_model.stderr
+    stray = run(env, "drift", "--domain", "customs", "--no-history", ok=False)
+    assert stray.returncode != 0 and "apply to --data" in stray.stderr and len(stray.stderr.strip().splitlines()) == 1
 
 
 def test_a_port_in_use_is_a_one_line_error_before_any_work(env: dict[str, str]) -> None:
