@@ -8,6 +8,7 @@ past outcomes are available to point-in-time features.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -387,6 +388,39 @@ def load_dataset(domain: str, path: str | Path, label_delay_days: float | None =
     cases = merge_cases(cases, derive_cases(domain, events, label_delay_days))
     if domain == "customs":
         return CustomsData(declarations=events, cases=cases)
+    return FinanceData(transactions=events, accounts=accounts.reset_index(drop=True), cases=cases)
+
+
+def _given_cases(cases: pd.DataFrame) -> pd.DataFrame:
+    """The cases of a dataset that were not derived from its labels (a cases table, reviewer outcomes)."""
+    if "source" not in cases:
+        return cases
+    return cases[cases["source"].astype("string").ne("derived").fillna(True).to_numpy(bool)]
+
+
+def load_datasets(domain: str, paths: Sequence[str | Path],
+                  label_delay_days: float | None = None) -> CustomsData | FinanceData:
+    """Several datasets read as one, e.g. a model's training and evaluation files (the history it looked back on).
+
+    Events come out in time order; an event id in more than one dataset is kept once, from the last one that has
+    it. Cases implied by labels are derived again from these events; given cases tables and (finance) accounts are
+    merged, the last dataset's copy winning.
+    """
+    if not paths:
+        raise ValueError(f"no {domain} dataset given")
+    loaded = [load_dataset(domain, path, label_delay_days) for path in paths]
+    if len(loaded) == 1:
+        return loaded[0]
+    _table, time_col, id_col = EVENTS[domain]
+    frames = [d.declarations if domain == "customs" else d.transactions for d in loaded]
+    events = pd.concat(frames, ignore_index=True).drop_duplicates(id_col, keep="last")
+    events = _sort_events(events, time_col, id_col)
+    given = pd.concat([_given_cases(d.cases) for d in loaded], ignore_index=True)
+    given = given.drop_duplicates("case_id", keep="last", ignore_index=True)
+    cases = merge_cases(given, derive_cases(domain, events, label_delay_days))
+    if domain == "customs":
+        return CustomsData(declarations=events, cases=cases)
+    accounts = pd.concat([d.accounts for d in loaded], ignore_index=True).drop_duplicates("account_id", keep="last")
     return FinanceData(transactions=events, accounts=accounts.reset_index(drop=True), cases=cases)
 
 

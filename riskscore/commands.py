@@ -59,15 +59,14 @@ def features_cmd(domain: str, in_path: str, out_file: str, label_delay_days: flo
                f"in {time.perf_counter() - started:.1f}s")
 
 
-def _score_frame(domain: str, in_path: str, top_n: int, history: Path | None, no_history: bool):
+def _score_frame(domain: str, in_path: str, top_n: int, history: tuple[Path, ...], no_history: bool):
     """Champion bundle, version, the file's events, features and explanations (features as
-    :func:`training.pipeline.features_over_history`, by default over the champion's training data)."""
+    :func:`training.pipeline.features_over_history`, by default over the data the champion was trained on)."""
     from training.pipeline import features_over_history
     from training.registry import load_champion
 
     bundle, info = load_champion(domain)
-    history = history_for(bundle, history, no_history)
-    hf = features_over_history(bundle, domain, in_path, history_path=history)
+    hf = features_over_history(bundle, domain, in_path, history=history_for(bundle, history, no_history))
     explanations = []
     with click.progressbar(range(0, len(hf.features), 5000), label="scoring") as chunks:
         for start in chunks:
@@ -81,7 +80,8 @@ def _score_frame(domain: str, in_path: str, top_n: int, history: Path | None, no
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), required=True, help="Output .csv or .parquet.")
 @click.option("--top", "top_n", type=click.IntRange(1, 20), default=5, show_default=True, help="Reasons per item.")
 @history_options
-def score_cmd(domain: str, in_path: str, out_file: str, top_n: int, history: Path | None, no_history: bool) -> None:
+def score_cmd(domain: str, in_path: str, out_file: str, top_n: int, history: tuple[Path, ...],
+              no_history: bool) -> None:
     """Batch-score a file offline with the registered champion: score, band, flag and top reasons.
 
     Labels in the file (if any) count as outcomes known after the label delay, as in training and `evaluate`.
@@ -116,7 +116,7 @@ def score_cmd(domain: str, in_path: str, out_file: str, top_n: int, history: Pat
 @click.option("--fail-on-retrain", is_flag=True, help="Exit with status 3 when retraining is due (for cron/CI).")
 @history_options
 def drift_cmd(domain: str, in_path: str | None, window: int, as_json: bool, fail_on_retrain: bool,
-              history: Path | None, no_history: bool) -> None:
+              history: tuple[Path, ...], no_history: bool) -> None:
     """PSI of each feature and of the score against the champion's reference (its calibration window)."""
     from training.drift import drift_report, drift_summary
 

@@ -1,8 +1,8 @@
 """Per-domain scorers: champion bundle + online feature state, scoring with audit, atomic reload.
 
 A :class:`DomainScorer` owns one champion bundle and the online feature state of its domain, seeded
-from the bundle's training data (``$RISKSCORE_HISTORY_<DOMAIN>`` overrides the path; ``none`` = start
-empty) and the domain's scored events and outcomes replayed from the audit store.
+from the data the bundle was trained and tested on (``$RISKSCORE_HISTORY_<DOMAIN>`` overrides the paths;
+``none`` = start empty) and the domain's scored events and outcomes replayed from the audit store.
 
 Scoring a batch: items in contract dtypes -> processed in time order, each distinct time's items get
 their features from the state and are then ingested (so a later item of the batch sees an earlier one,
@@ -145,35 +145,37 @@ def _safe_uri(uri: str) -> str:
     return uri
 
 
-def history_path(domain: str, bundle) -> Path | None:
-    """Where the domain's entity history comes from: $RISKSCORE_HISTORY_<DOMAIN> or ``bundle.data_path``."""
+def history_paths(domain: str, bundle) -> list[Path]:
+    """Where the domain's entity history comes from: $RISKSCORE_HISTORY_<DOMAIN> (paths separated by
+    ``os.pathsep``) or the data the bundle was trained and tested on."""
     env = f"RISKSCORE_HISTORY_{domain.upper()}"
     raw = os.environ.get(env)
     if raw is not None and raw.strip().lower() in ("", "none"):
-        return None
-    raw = raw or getattr(bundle, "data_path", "") or ""
-    if not raw:
+        return []
+    paths = [p for p in raw.split(os.pathsep) if p.strip()] if raw else bundle.history_paths()
+    if not paths:
         log.warning("domain %s: the champion records no training data path and %s is unset; "
                     "features start from an empty history", domain, env)
-        return None
-    path = Path(raw)
-    if not path.exists():
-        raise ServingConfigError(
-            f"domain '{domain}': entity history {raw!r} (the champion's training data) does not exist here; "
-            f"set {env} to the data path, or to 'none' to start with an empty history")
-    return path
+        return []
+    for path in paths:
+        if not Path(path).exists():
+            raise ServingConfigError(
+                f"domain '{domain}': entity history {path!r} (data the champion was trained on) is not here; "
+                f"set {env} to the data path(s), or to 'none' to start with an empty history")
+    return [Path(p) for p in paths]
 
 
-def load_history(domain: str, path: Path | None) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    """Events (with labels) and cases of the history dataset (``features.datasets.load_dataset``)."""
-    if path is None:
+def load_history(domain: str, paths: list[Path]) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """Events (with labels) and cases of the history datasets (``features.datasets.load_datasets``)."""
+    if not paths:
         return None, None
-    from features.datasets import load_dataset
+    from features.datasets import load_datasets
 
     try:
-        data = load_dataset(domain, path)
-    except Exception as err:  # name the file, whatever broke
-        raise ServingConfigError(f"domain '{domain}': cannot load entity history from {path}: {err}") from err
+        data = load_datasets(domain, paths)
+    except Exception as err:  # name the files, whatever broke
+        names = ", ".join(str(p) for p in paths)
+        raise ServingConfigError(f"domain '{domain}': cannot load entity history from {names}: {err}") from err
     return events_of(data), getattr(data, "cases", None)
 
 
@@ -218,7 +220,7 @@ class DomainScorer:
             raise ServingConfigError(
                 f"domain '{domain}': champion {name} v{version} needs features this code does not compute "
                 f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); retrain or deploy matching code")
-        events, cases = load_history(domain, history_path(domain, bundle))
+        events, cases = load_history(domain, history_paths(domain, bundle))
         online = fs.online(events, cases)
         known = set(events[fs.id_col].astype(str)) if events is not None else set()
         scorer = cls(domain, bundle, name, version, online)

@@ -14,6 +14,7 @@ from features.datasets import (
     FinanceData,
     derive_cases,
     load_dataset,
+    load_datasets,
     save_dataset,
 )
 from features.schemas import DataValidationError, validate_table
@@ -67,6 +68,40 @@ def test_public_customs_directory_and_zero_padding(tmp_path: Path) -> None:
     assert len(data.declarations) == 300
     row = data.declarations.set_index("declaration_id").loc[valid["Declaration ID"].iloc[0]]
     assert row["hs6"] == "071080"
+
+
+def test_several_datasets_read_as_one(tmp_path: Path, customs: CustomsData, finance: FinanceData) -> None:
+    """A model's training then evaluation file as one history: time order, an id in both once (the last file's
+    copy), cases derived from the combined events, a given cases table kept."""
+    raw = _raw(CUSTOMS_CSV)
+    first = raw.iloc[:200].copy()
+    flipped = first.index[180]  # also in the second file, where its label is the true one
+    first.loc[flipped, "Fraud"] = "0" if first.loc[flipped, "Fraud"] == "1" else "1"
+    first.to_csv(tmp_path / "train.csv", index=False)
+    raw.iloc[150:].to_csv(tmp_path / "eval.csv", index=False)
+    both = load_datasets("customs", [tmp_path / "eval.csv", tmp_path / "train.csv"][::-1])
+    pd.testing.assert_frame_equal(both.declarations, customs.declarations)
+    pd.testing.assert_frame_equal(both.cases.sort_values("case_id", ignore_index=True),
+                                  customs.cases.sort_values("case_id", ignore_index=True))
+
+    tx = finance.transactions
+    cut = tx["timestamp"].iloc[len(tx) // 2]
+    early = FinanceData(tx[tx["timestamp"] <= cut], finance.accounts, finance.cases.iloc[:0])
+    late = FinanceData(tx[tx["timestamp"] > cut], finance.accounts, finance.cases.iloc[:0])
+    save_dataset(early, tmp_path / "early")
+    save_dataset(late, tmp_path / "late")
+    reviewed = derive_cases("finance", tx).iloc[:1].assign(case_id="reviewer-1", source="reviewer")
+    reviewed[["opened_at", "closed_at"]] += pd.Timedelta(days=1)  # a later case of the same account
+    reviewed.to_parquet(tmp_path / "early" / "cases.parquet", index=False)
+    merged = load_datasets("finance", [tmp_path / "early", tmp_path / "late"])
+    assert merged.transactions["transaction_id"].tolist() == tx["transaction_id"].tolist()
+    derived = merged.cases[merged.cases["source"] == "derived"].set_index("case_id")
+    whole = derive_cases("finance", tx).set_index("case_id")  # an account's case opens at its first transfer
+    pd.testing.assert_series_equal(derived["opened_at"].sort_index(), whole["opened_at"].sort_index())
+    assert "reviewer-1" in set(merged.cases["case_id"])
+    assert merged.accounts["account_id"].is_unique
+    with pytest.raises(ValueError, match="no finance dataset"):
+        load_datasets("finance", [])
 
 
 # ------------------------------------------------------------------------------------------ AMLSim

@@ -555,3 +555,34 @@ def test_keys_cli_and_toml_key_file(tmp_path, monkeypatch):
         assert auth.load_keys().authenticate(key).agency == "Customs-NL"
     revoked = CliRunner().invoke(keys_cmd, ["revoke", auth.hash_key(key)[:12], "--file", str(path)])
     assert revoked.exit_code == 0 and auth.read_key_file(path) == []
+
+
+def test_history_is_the_data_the_champion_was_trained_and_tested_on(tmp_path, monkeypatch):
+    """The online state starts from every dataset the champion's run read (training and evaluation file), so no
+    months are missing between the training data and the first scored event; the variable overrides it."""
+    from types import SimpleNamespace
+
+    from serving.scorer import ServingConfigError, history_paths, load_history
+    from training.bundle import ModelBundle
+
+    raw = pd.read_csv(REPO / "tests" / "fixtures" / "customs_public_sample.csv", dtype=str, keep_default_na=False)
+    raw.iloc[:200].to_csv(tmp_path / "train.csv", index=False)
+    raw.iloc[200:].to_csv(tmp_path / "valid.csv", index=False)
+    bundle = SimpleNamespace(data_path=str(tmp_path / "train.csv"),
+                             data_paths=[str(tmp_path / "train.csv"), str(tmp_path / "valid.csv")])
+    bundle.history_paths = lambda: ModelBundle.history_paths(bundle)
+    monkeypatch.delenv("RISKSCORE_HISTORY_CUSTOMS", raising=False)
+    paths = history_paths("customs", bundle)
+    assert [p.name for p in paths] == ["train.csv", "valid.csv"]
+    events, cases = load_history("customs", paths)
+    assert len(events) == 300 and events["date"].is_monotonic_increasing and len(cases)
+    older = SimpleNamespace(data_path=str(tmp_path / "train.csv"))  # a bundle from before data_paths
+    assert ModelBundle.history_paths(older) == [str(tmp_path / "train.csv")]
+    monkeypatch.setenv("RISKSCORE_HISTORY_CUSTOMS", os.pathsep.join([str(tmp_path / "valid.csv")]))
+    assert [p.name for p in history_paths("customs", bundle)] == ["valid.csv"]
+    monkeypatch.setenv("RISKSCORE_HISTORY_CUSTOMS", "none")
+    assert history_paths("customs", bundle) == [] and load_history("customs", []) == (None, None)
+    monkeypatch.setenv("RISKSCORE_HISTORY_CUSTOMS", os.pathsep.join([str(tmp_path / "train.csv"),
+                                                                      str(tmp_path / "gone.csv")]))
+    with pytest.raises(ServingConfigError, match=r"gone\.csv"):
+        history_paths("customs", bundle)

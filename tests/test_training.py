@@ -288,30 +288,40 @@ def test_cli_train_with_train_and_eval_files(store, tmp_path):
 
 
 def test_evaluate_looks_back_on_the_training_data_like_the_test_window(store, tmp_path, monkeypatch):
-    """`evaluate` on the eval file gives the training run's test metrics: its features look back on the model's
-    training data by default (as serving and `score` do); --no-history evaluates the file on its own."""
+    """`evaluate` on the eval file gives the training run's test metrics: its features look back on the data the
+    model was trained and tested on by default (as serving and `score` do); --no-history evaluates the file on its
+    own. A file after the eval window looks back on both files, so no months are missing from its history."""
     raw = pd.read_csv(FIXTURES / "customs_public_sample.csv", dtype=str, keep_default_na=False)
-    early = raw["Date"] < "2020-10-01"
+    early, later = raw["Date"] < "2020-09-01", raw["Date"] >= "2020-11-01"
     raw[early].to_csv(tmp_path / "train.csv", index=False)
-    raw[~early].to_csv(tmp_path / "valid.csv", index=False)
+    raw[~early & ~later].to_csv(tmp_path / "valid.csv", index=False)
+    raw[later].to_csv(tmp_path / "later.csv", index=False)
     monkeypatch.setenv("RISKSCORE_MODEL_CUSTOMS", "riskscore-customs-history-check")
     cfg = replace(CONFIG, eval_path=str(tmp_path / "valid.csv"), lgbm=replace(FAST, min_child_samples=10))
     result = train("customs", tmp_path / "train.csv", config=cfg)
     test = result.metrics["full"]["test"]
+    assert [Path(p).name for p in result.bundle.history_paths()] == ["train.csv", "valid.csv"]
 
-    def evaluated(*extra: str) -> tuple[str, float]:
-        out = CliRunner().invoke(evaluate_cmd, ["--domain", "customs", "--data", str(tmp_path / "valid.csv"), *extra])
+    def evaluated(*extra: str, data: str = "valid.csv") -> tuple[str, float]:
+        out = CliRunner().invoke(evaluate_cmd, ["--domain", "customs", "--data", str(tmp_path / data), *extra])
         assert out.exit_code == 0, out.output
         return out.output, float(out.output.split("PR-AUC")[1].split()[0])
 
     default, pr_auc = evaluated()
-    assert f"history: train.csv ({int(early.sum()):,} earlier events)" in default
+    assert f"history: train.csv + valid.csv ({int(early.sum()):,} earlier events)" in default
     assert pr_auc == pytest.approx(test["pr_auc"], abs=1e-4)
     cold, cold_pr_auc = evaluated("--no-history")
     assert "history: none (0 earlier events)" in cold and cold_pr_auc != pytest.approx(pr_auc, abs=1e-4)
+    after, after_pr_auc = evaluated(data="later.csv")
+    assert f"history: train.csv + valid.csv ({int((~later).sum()):,} earlier events)" in after
+    named = evaluated("--history", str(tmp_path / "train.csv"), "--history", str(tmp_path / "valid.csv"),
+                      data="later.csv")
+    assert named[1] == after_pr_auc
+    gap, _ = evaluated("--history", str(tmp_path / "train.csv"), data="later.csv")
+    assert f"history: train.csv ({int(early.sum()):,} earlier events)" in gap
     both = CliRunner().invoke(evaluate_cmd, ["--domain", "customs", "--data", str(tmp_path / "valid.csv"),
                                              "--no-history", "--history", str(tmp_path / "train.csv")])
     assert both.exit_code != 0 and "exclude each other" in both.output
-    (tmp_path / "train.csv").unlink()
-    gone = CliRunner().invoke(evaluate_cmd, ["--domain", "customs", "--data", str(tmp_path / "valid.csv")])
-    assert gone.exit_code != 0 and "--no-history" in gone.output
+    (tmp_path / "valid.csv").rename(tmp_path / "moved.csv")
+    gone = CliRunner().invoke(evaluate_cmd, ["--domain", "customs", "--data", str(tmp_path / "later.csv")])
+    assert gone.exit_code != 0 and "valid.csv" in gone.output and "--no-history" in gone.output

@@ -71,7 +71,12 @@ class ModelBundle:
     label_delay_days: float = 0.0
     reference: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
-    data_path: str = ""  # training data the service seeds its entity history from (overridable)
+    data_path: str = ""  # the training data (first of data_paths; bundles before data_paths have only this)
+    data_paths: list[str] = field(default_factory=list)  # every dataset the run read: training, then evaluation
+
+    def history_paths(self) -> list[str]:
+        """The data the model's features looked back on, which the service's entity history starts from."""
+        return list(getattr(self, "data_paths", None) or ([self.data_path] if self.data_path else []))
 
     def matrix(self, features: pd.DataFrame) -> pd.DataFrame:
         """Model input frame: columns in training order, categoricals with the training levels."""

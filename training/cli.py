@@ -15,22 +15,28 @@ def history_options(command):
     """``--history PATH`` / ``--no-history`` of the commands that compute features of a file with a model."""
     command = click.option("--no-history", is_flag=True,
                            help="Features from the file alone (a cold entity history).")(command)
-    return click.option("--history", type=EXISTING,
-                        help="Earlier events that features look back on; not scored. Default: the model's training "
-                             "data, the history the service starts from.")(command)
+    return click.option("--history", type=EXISTING, multiple=True,
+                        help="Earlier events that features look back on; not scored; repeat for several datasets. "
+                             "Default: the data the model was trained and tested on, the history the service "
+                             "starts from.")(command)
 
 
-def history_for(bundle, history: Path | None, no_history: bool) -> Path | None:
-    """The history a command's features look back on: ``--history``, none, or the bundle's training data."""
-    if history is not None and no_history:
+def history_for(bundle, history: tuple[Path, ...], no_history: bool) -> list[Path]:
+    """The datasets a command's features look back on: ``--history``, none, or the data the model was trained on."""
+    if history and no_history:
         raise click.UsageError("--history and --no-history exclude each other")
-    if history is not None or no_history or not bundle.data_path:
-        return history
-    default = Path(bundle.data_path)
-    if not default.exists():
-        raise click.ClickException(f"the model's training data {default} (the default history) is not here; "
-                                   "pass --history PATH or --no-history")
+    if history or no_history:
+        return list(history)
+    default = [Path(p) for p in bundle.history_paths()]
+    if missing := [p for p in default if not p.exists()]:
+        raise click.ClickException(f"the model's training data {missing[0]} (part of the default history) is not "
+                                   "here; pass --history PATH or --no-history")
     return default
+
+
+def history_label(history: list[Path]) -> str:
+    """``a.csv + b.csv``, or ``none``."""
+    return " + ".join(p.name for p in history) or "none"
 
 
 def _one_line(err: Exception) -> str:
@@ -132,7 +138,7 @@ def promote_cmd(domain: str, version: str, reason: str, by: str | None) -> None:
 @history_options
 @click.option("--cases", "cases_path", type=EXISTING, help="Extra reviewer outcomes (cases table).")
 @click.option("--capacity", type=float, default=0.05, show_default=True, help="Review capacity for the metrics.")
-def evaluate_cmd(domain: str, data: Path, version: str | None, alias: str, history: Path | None, no_history: bool,
+def evaluate_cmd(domain: str, data: Path, version: str | None, alias: str, history: tuple[Path, ...], no_history: bool,
                  cases_path: Path | None, capacity: float) -> None:
     """Metrics of a registered model on a labelled file: PR-AUC, ROC-AUC, precision/recall in the top 1/2/5/10%."""
     from training.metrics import TOP_FRACTIONS, pct_label
@@ -141,15 +147,15 @@ def evaluate_cmd(domain: str, data: Path, version: str | None, alias: str, histo
 
     try:
         bundle, mv = load_model(domain, version=version, alias=None if version else alias)
-        history = history_for(bundle, history, no_history)
-        m = evaluate_bundle(bundle, domain, data, history_path=history, cases_path=cases_path, capacity=capacity)
+        looked_back = history_for(bundle, history, no_history)
+        m = evaluate_bundle(bundle, domain, data, history=looked_back, cases_path=cases_path, capacity=capacity)
     except click.ClickException:
         raise
     except Exception as err:
         raise click.ClickException(_one_line(err)) from err
     click.echo(f"{mv.name} v{mv.version} on {data.name}: {int(m['rows'])} labelled events, "
                f"{int(m['positives'])} positives")
-    click.echo(f"  history: {history.name if history else 'none'} ({m['history_events']:,} earlier events)")
+    click.echo(f"  history: {history_label(looked_back)} ({m['history_events']:,} earlier events)")
     click.echo(f"  PR-AUC  {m['pr_auc']:.4f}\n  ROC-AUC {m['roc_auc']:.4f}\n  Brier   {m['brier']:.4f}")
     fractions = sorted({*TOP_FRACTIONS, capacity})
     revenue = all(f"revenue_share_at_{pct_label(f)}pct" in m for f in fractions)  # where the data has revenue

@@ -13,13 +13,14 @@ import hashlib
 import logging
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from features.datasets import EVENTS, derive_cases, load_dataset, merge_cases, read_table
+from features.datasets import EVENTS, derive_cases, load_dataset, load_datasets, merge_cases, read_table
 from features.domains import events_of
 from features.domains import feature_set as domain_feature_set
 from features.featureset import FeatureSet
@@ -189,14 +190,16 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def load_training_data(domain: str, data_path: str | Path, config: TrainConfig, *,
+def load_training_data(domain: str, data_path: str | Path | Sequence[str | Path], config: TrainConfig, *,
                        drop_overlap: bool = False) -> TrainData:
     """Load the training data (and evaluation file, extra cases) onto the contracts.
 
-    An event id in both files is an error, unless ``drop_overlap``: then the first file's copy is dropped (the
-    first file is only history that the evaluation file's features look back on).
+    ``data_path`` may be several datasets read as one (:func:`~features.datasets.load_datasets`). An event id in
+    both the data and the evaluation file is an error, unless ``drop_overlap``: then the data's copy is dropped
+    (the data is only history that the evaluation file's features look back on).
     """
-    first = load_dataset(domain, data_path, config.label_delay_days)
+    data_paths = [data_path] if isinstance(data_path, str | Path) else list(data_path)
+    first = load_datasets(domain, data_paths, config.label_delay_days)
     datasets = [first]
     fs_id = EVENTS[domain][2]
     if config.eval_path:
@@ -231,7 +234,8 @@ def load_training_data(domain: str, data_path: str | Path, config: TrainConfig, 
             "account_id", ignore_index=True)
     from_eval = np.r_[np.zeros(n_first, bool), np.ones(len(events) - n_first - n_reviewed, bool),
                       np.zeros(n_reviewed, bool)]
-    paths = [str(Path(data_path).resolve())] + ([str(Path(config.eval_path).resolve())] if config.eval_path else [])
+    paths = [str(Path(p).resolve()) for p in data_paths]
+    paths += [str(Path(config.eval_path).resolve())] if config.eval_path else []
     return TrainData(events=events, cases=cases, accounts=accounts, from_eval=from_eval, paths=paths,
                      reviewed=n_reviewed)
 
@@ -470,6 +474,7 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
                                     else X[DRIFT_WINDOW][fs.names], best.scores[DRIFT_WINDOW], fs.categorical,
                                     window=DRIFT_WINDOW, learned_rates=fs.learned_rates),
         data_path=data.paths[0],
+        data_paths=list(data.paths),
     )
     table = metric_table(models)
     lap("calibrate_evaluate")
@@ -548,35 +553,35 @@ class HistoryFeatures:
 
 
 def features_over_history(
-    bundle: ModelBundle, domain: str, data_path: str | Path, *, history_path: str | Path | None = None,
+    bundle: ModelBundle, domain: str, data_path: str | Path, *, history: Sequence[str | Path] = (),
     cases_path: str | Path | None = None,
 ) -> HistoryFeatures:
-    """Features of the events of ``data_path``, point-in-time over ``history_path`` followed by the data.
+    """Features of the events of ``data_path``, point-in-time over the ``history`` datasets followed by the data.
 
-    The history (e.g. the model's training data, which the service starts from) is not scored; its events that
-    are also in the data count once, as data. Labels in either file are outcomes known after the bundle's label
-    delay, as in training: they reach later events' features, never the event's own.
+    The history (e.g. the model's training and evaluation data, which the service starts from) is not scored; its
+    events that are also in the data count once, as data. Labels in either are outcomes known after the bundle's
+    label delay, as in training: they reach later events' features, never the event's own.
     """
     fs = domain_feature_set(domain, bundle.label_delay_days)
     if bundle.feature_set_version != fs.version:
         raise ValueError(f"the model was trained with feature set {bundle.feature_set_version!r} but this code "
                          f"computes {fs.version!r}")
     config = TrainConfig(label_delay_days=bundle.label_delay_days, cases_path=str(cases_path) if cases_path else None,
-                         eval_path=str(data_path) if history_path else None, reviewer_outcomes=False)
-    data = load_training_data(domain, history_path or data_path, config, drop_overlap=True)
-    rows = np.flatnonzero(data.from_eval) if history_path else np.arange(len(data.events))
+                         eval_path=str(data_path) if history else None, reviewer_outcomes=False)
+    data = load_training_data(domain, list(history) or data_path, config, drop_overlap=True)
+    rows = np.flatnonzero(data.from_eval) if history else np.arange(len(data.events))
     features = fs.build(data.events, data.cases).iloc[rows]
     return HistoryFeatures(fs=fs, events=data.events.iloc[rows], features=features,
                            history_events=len(data.events) - len(rows), accounts=data.accounts)
 
 
 def evaluate_bundle(
-    bundle: ModelBundle, domain: str, data_path: str | Path, *, history_path: str | Path | None = None,
+    bundle: ModelBundle, domain: str, data_path: str | Path, *, history: Sequence[str | Path] = (),
     cases_path: str | Path | None = None, capacity: float = 0.05,
 ) -> dict[str, float]:
     """Metrics of a bundle on the labelled events of ``data_path``, features as :func:`features_over_history`
     (``history_events`` in the result: how many history events they looked back on)."""
-    hf = features_over_history(bundle, domain, data_path, history_path=history_path, cases_path=cases_path)
+    hf = features_over_history(bundle, domain, data_path, history=history, cases_path=cases_path)
     y_all = _labels(hf.events, hf.fs).to_numpy(float)
     pos = np.flatnonzero(~np.isnan(y_all))
     if not len(pos):
