@@ -165,14 +165,17 @@ def history_paths(domain: str, bundle) -> list[Path]:
     return [Path(p) for p in paths]
 
 
-def load_history(domain: str, paths: list[Path]) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    """Events (with labels) and cases of the history datasets (``features.datasets.load_datasets``)."""
+def load_history(domain: str, paths: list[Path], label_delay_days: float | None = None,
+                 ) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """Events (with labels) and cases of the history datasets (``features.datasets.load_datasets``); cases derived
+    from labels close ``label_delay_days`` after opening (the model's delay, as in its training; ``None``: the
+    domain default)."""
     if not paths:
         return None, None
     from features.datasets import load_datasets
 
     try:
-        data = load_datasets(domain, paths)
+        data = load_datasets(domain, paths, label_delay_days)
     except Exception as err:  # name the files, whatever broke
         names = ", ".join(str(p) for p in paths)
         raise ServingConfigError(f"domain '{domain}': cannot load entity history from {names}: {err}") from err
@@ -210,7 +213,8 @@ class DomainScorer:
         """Load the champion (unless given), seed the history, replay the audit store."""
         started = time.perf_counter()
         bundle, name, version = champion or load_champion(domain)
-        fs = domain_feature_set(domain, getattr(bundle, "label_delay_days", None))
+        delay = getattr(bundle, "label_delay_days", None)
+        fs = domain_feature_set(domain, delay)
         if getattr(bundle, "feature_set_version", fs.version) != fs.version:
             raise ServingConfigError(
                 f"domain '{domain}': champion {name} v{version} was trained with feature set "
@@ -220,7 +224,7 @@ class DomainScorer:
             raise ServingConfigError(
                 f"domain '{domain}': champion {name} v{version} needs features this code does not compute "
                 f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); retrain or deploy matching code")
-        events, cases = load_history(domain, history_paths(domain, bundle))
+        events, cases = load_history(domain, history_paths(domain, bundle), delay)
         online = fs.online(events, cases)
         known = set(events[fs.id_col].astype(str)) if events is not None else set()
         scorer = cls(domain, bundle, name, version, online)

@@ -586,3 +586,39 @@ def test_history_is_the_data_the_champion_was_trained_and_tested_on(tmp_path, mo
                                                                       str(tmp_path / "gone.csv")]))
     with pytest.raises(ServingConfigError, match=r"gone\.csv"):
         history_paths("customs", bundle)
+
+
+def test_service_history_uses_the_models_label_delay(tmp_path):
+    """Cases derived from the history's labels open to features after the champion's label delay, as in its
+    training: online features of a new declaration equal the batch features with that delay."""
+    from features.datasets import load_datasets
+    from features.domains import feature_set
+    from serving.audit import AuditStore
+    from serving.scorer import DomainScorer
+    from training.bundle import Calibrator, ModelBundle
+
+    data_file = REPO / "tests" / "fixtures" / "customs_public_sample.csv"
+    events = load_datasets("customs", [data_file]).declarations
+    fraud = events[events["fraud"] == 1].iloc[-1]
+    end = events["date"].max()
+    delay = (end - fraud["date"]).days + 5.0  # the last fraud's case is not known yet one day after the end
+    fs = feature_set("customs", delay)
+    new = events[events["declaration_id"] == fraud["declaration_id"]].copy()
+    new["declaration_id"], new["date"], new["fraud"] = "NEW-1", end + pd.Timedelta(days=1), pd.NA
+    both = pd.concat([events, new.astype(events.dtypes.to_dict())], ignore_index=True)
+    batch = fs.build(both, load_datasets("customs", [data_file], delay).cases).iloc[[-1]].reset_index(drop=True)
+
+    bundle = ModelBundle(domain="customs", feature_names=fs.names[:1], categorical={}, feature_labels={},
+                         booster=None, calibrator=Calibrator([0.0, 1.0], [0.0, 1.0]), threshold=0.5,
+                         bands={"high": 0.5}, feature_set_version=fs.version, label_delay_days=delay,
+                         data_paths=[str(data_file)])
+    audit = AuditStore(f"sqlite:///{tmp_path / 'audit.db'}")
+    try:
+        scorer = DomainScorer.build("customs", audit, (bundle, "riskscore-customs", "1"))
+    finally:
+        audit.close()
+    online = scorer.online.features(new.drop(columns=["fraud"])).reset_index(drop=True)
+    pd.testing.assert_frame_equal(online[fs.names], batch[fs.names], check_dtype=False)
+    assert batch["importer_confirmed_cases_90d"].iloc[0] == 0  # the delay matters for this event
+    undelayed = feature_set("customs", 0.0).build(both, load_datasets("customs", [data_file], 0.0).cases)
+    assert undelayed["importer_confirmed_cases_90d"].iloc[-1] >= 1
