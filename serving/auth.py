@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import threading
 import time
@@ -44,6 +45,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "admin": frozenset({"admin"}),
 }
 KEY_PREFIX = "rsk_"
+KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,16}")  # audit columns hold 16 characters
 DEMO_AGENCY = "demo"
 DEFAULT_RATE = 100.0  # requests per second per key
 DEFAULT_BURST_FACTOR = 5.0
@@ -78,6 +80,8 @@ class KeyEntry:
             raise ValueError("a key entry needs an agency")
         if not self.id:
             object.__setattr__(self, "id", self.sha256[:12])
+        if not KEY_ID.fullmatch(self.id):
+            raise ValueError(f"a key entry's id must be 1 to 16 letters, digits, '.', '_' or '-' (got {self.id!r})")
         for name in ("rate", "burst"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
@@ -185,6 +189,11 @@ class KeyStore:
     def __init__(self, entries: list[KeyEntry], source: str):
         if not entries:
             raise ValueError(f"no API keys configured in {source}")
+        for field in ("sha256", "id"):  # the id names the caller in the audit trail and scopes Idempotency-Keys
+            values = [getattr(e, field) for e in entries]
+            if dupes := sorted({v for v in values if values.count(v) > 1}):
+                shown = dupes[0] if field == "id" else dupes[0][:12] + "..."
+                raise ValueError(f"{source}: two key entries have the same {field} ({shown}); each key needs its own")
         self.entries = list(entries)
         self.source = source
 
@@ -333,6 +342,8 @@ def revoke_key(key_id: str, path: str | Path | None = None) -> int:
     if len(key_id) < 6:
         raise ValueError("give at least 6 characters of the key id")
     path = Path(path) if path else default_key_file()
+    if path.suffix == ".toml":
+        raise ValueError("keys are revoked in JSON key files; edit the TOML file, or convert it to keys.json")
     entries = read_key_file(path)
     keep = [e for e in entries if not e.id.startswith(key_id)]
     _write_private(path, {"keys": [entry_doc(e) for e in keep]})

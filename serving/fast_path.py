@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,7 +142,8 @@ def ingest_columns(online: OnlineFeatures, frame: Columns) -> None:
     online.events_seen += n
 
 
-def feature_columns_in_time_order(online: OnlineFeatures, frame: Columns) -> dict[str, np.ndarray]:
+def feature_columns_in_time_order(online: OnlineFeatures, frame: Columns,
+                                  ingest_rows: Sequence[bool] | None = None) -> dict[str, np.ndarray]:
     """Model-input columns (``fs.names`` -> array, rows of ``frame``) of a batch, batch-training semantics.
 
     ``frame`` is an events frame, or plain contract columns (:func:`serving.models.item_columns`, what the
@@ -153,6 +154,9 @@ def feature_columns_in_time_order(online: OnlineFeatures, frame: Columns) -> dic
     result as ``online.features(group); online.ingest(group)`` per distinct time, but the row-wise work
     (``prepare``, ``sources``, ``derive``) runs once per batch and the per-time steps touch plain Python values
     only (no pandas per distinct time, which cost ~20-40 ms each).
+
+    ``ingest_rows`` (one flag per row, default all) leaves the rows flagged ``False`` out of the state: events it
+    holds already (a second scoring of an event id), whose features are computed but which must count once.
     """
     fs = online.fs
     plan = _plan(online)
@@ -170,10 +174,15 @@ def feature_columns_in_time_order(online: OnlineFeatures, frame: Columns) -> dic
         if qkeys not in key_tuples:
             key_tuples[qkeys] = list(zip(*(as_list(k) for k in qkeys), strict=True))
     outputs = [(query, key_tuples[qkeys], [None] * n) for query, qkeys, _cols in plan.queries]
+    ingested = n
     for group in groups:
         for query, keys, out in outputs:
             for i in group:
                 out[i] = query(keys[i], t_list[i])
+        if ingest_rows is not None:
+            ingested -= len(group)
+            group = [i for i in group if ingest_rows[i]]
+            ingested += len(group)
         for pos, src_cols, source, adders in ingest:
             rows = group if pos is None else [p for p in pos[group].tolist() if p >= 0]
             if rows:
@@ -184,7 +193,7 @@ def feature_columns_in_time_order(online: OnlineFeatures, frame: Columns) -> dic
         values = np.array(out, dtype=np.float64).reshape(n, len(cols))
         for j, col in enumerate(cols):
             columns[col] = values[:, j]
-    online.events_seen += n
+    online.events_seen += ingested
     derived = fs.derive(columns)
     return {name: np.asarray(derived[name]) for name in fs.names}
 

@@ -83,10 +83,20 @@ def _no_control(pattern: re.Pattern) -> AfterValidator:
     return AfterValidator(check)
 
 
-def _text_only(value: Any) -> Any:
-    if not isinstance(value, str):
-        raise ValueError("must be a string")
-    return value
+_ISO_DAY = re.compile(r"\s*\d{4}-\d{2}-\d{2}([T ].*)?")
+
+
+def _iso_text(what: str, example: str):
+    """Text in ISO 8601 form (``YYYY-MM-DD...``): pydantic alone also reads digit strings as Unix times."""
+
+    def check(value: Any) -> Any:
+        if not isinstance(value, str):
+            raise ValueError("must be a string")
+        if not _ISO_DAY.fullmatch(value):
+            raise ValueError(f"must be an ISO 8601 {what}, e.g. {example!r}")
+        return value
+
+    return BeforeValidator(check)
 
 
 def _year_in_range(value: dt.date) -> dt.date:
@@ -96,9 +106,9 @@ def _year_in_range(value: dt.date) -> dt.date:
 
 
 def _utc_naive(value: dt.datetime) -> dt.datetime:
+    _year_in_range(value.date())  # the year as sent (converting an out-of-range one to UTC can overflow)
     if value.tzinfo is not None:
         value = value.astimezone(dt.UTC).replace(tzinfo=None)
-    _year_in_range(value.date())
     return value
 
 
@@ -107,10 +117,11 @@ Code = Annotated[str, Strict(), StringConstraints(strip_whitespace=True, min_len
 Country = Annotated[Code, _matches(COUNTRY_PATTERN, "must be a 2-letter upper-case ISO country code, e.g. 'CN'")]
 HS6 = Annotated[Code, _matches(HS6_PATTERN, "must be a 6-digit HS code, e.g. '392690'")]
 Currency = Annotated[Code, _matches(r"^[A-Z]{3}$", "must be a 3-letter upper-case ISO currency code, e.g. 'EUR'")]
-NonNegative = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
-Positive = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
-Day = Annotated[dt.date, BeforeValidator(_text_only), AfterValidator(_year_in_range)]
-Instant = Annotated[dt.datetime, BeforeValidator(_text_only), AfterValidator(_utc_naive)]
+MAX_QUANTITY = 1e15  # amounts, prices, masses: far above any real one, far below where sums overflow a float
+NonNegative = Annotated[float, Strict(), Field(ge=0, le=MAX_QUANTITY, allow_inf_nan=False)]
+Positive = Annotated[float, Strict(), Field(gt=0, le=MAX_QUANTITY, allow_inf_nan=False)]
+Day = Annotated[dt.date, _iso_text("date", "2023-06-25"), AfterValidator(_year_in_range)]
+Instant = Annotated[dt.datetime, _iso_text("time", "2023-06-25T14:30:00Z"), AfterValidator(_utc_naive)]
 
 
 class Declaration(BaseModel):

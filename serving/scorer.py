@@ -6,7 +6,9 @@ from the data the bundle was trained and tested on (``$RISKSCORE_HISTORY_<DOMAIN
 
 Scoring a batch: items in contract dtypes -> processed in time order, each distinct time's items get
 their features from the state and are then ingested (so a later item of the batch sees an earlier one,
-exactly as in training) -> ``bundle.explain`` -> one audit transaction -> response.
+exactly as in training) -> ``bundle.explain`` -> one audit transaction -> response. An event id the state holds
+already (in the history, or scored before) is scored again but counts once in the state, as in training and as
+after a restart, which replays the first scoring of each id.
 
 :class:`ScorerRegistry` builds a new scorer fully before swapping it in; requests already holding the
 old scorer's lock finish on it, waiting ones move to the new one, and the new state catches up on
@@ -197,6 +199,7 @@ class DomainScorer:
         self.model_version = model_version
         self.online = online
         self.fs = online.fs
+        self.seen_ids: set[str] = set()  # event ids in the state: each counts once, whoever scores it again
         self.lock = threading.RLock()
         self.retired = False
         self.stale = False
@@ -226,19 +229,19 @@ class DomainScorer:
                 f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); retrain or deploy matching code")
         events, cases = load_history(domain, history_paths(domain, bundle), delay)
         online = fs.online(events, cases)
-        known = set(events[fs.id_col].astype(str)) if events is not None else set()
         scorer = cls(domain, bundle, name, version, online)
-        scorer.apply_replay(audit.replay(domain, scorer.score_cursor, scorer.outcome_cursor), skip_ids=known)
+        if events is not None:
+            scorer.seen_ids.update(events[fs.id_col].astype(str))
+        scorer.apply_replay(audit.replay(domain, scorer.score_cursor, scorer.outcome_cursor))
         log.info("domain %s: champion %s v%s ready with %d history events in %.1fs", domain, name, version,
                  online.events_seen, time.perf_counter() - started)
         return scorer
 
-    def apply_replay(self, replay: Replay, skip_ids: set[str] | None = None) -> None:
-        """Ingest audited events, outcome labels (dated by their decision) and cases into the state, and move
-        the cursors past what the replay read."""
-        rows = replay.event_rows
-        if skip_ids and rows:
-            rows = [r for r in rows if str(r.get(self.fs.id_col)) not in skip_ids]
+    def apply_replay(self, replay: Replay) -> None:
+        """Ingest audited events not in the state yet (by id), outcome labels (dated by their decision) and cases
+        into the state, and move the cursors past what the replay read."""
+        rows = [r for r in replay.event_rows if str(r.get(self.fs.id_col)) not in self.seen_ids]
+        self.seen_ids.update(str(r.get(self.fs.id_col)) for r in rows)
         if len(rows) > CATCH_UP_FRAME_ROWS:
             self.online.ingest(events_frame(self.domain, rows))
         elif rows:
@@ -281,7 +284,11 @@ class DomainScorer:
         if time.monotonic() - self.synced_at >= self.sync_every:
             self.catch_up(audit)
         rows = [item.model_dump(mode="json") for item in items]
-        feats = feature_columns_in_time_order(self.online, item_columns(self.domain, items))
+        ids = [str(row[self.info.id_col]) for row in rows]
+        new = [i not in self.seen_ids for i in ids]
+        feats = feature_columns_in_time_order(self.online, item_columns(self.domain, items),
+                                              None if all(new) else new)
+        self.seen_ids.update(ids)
         explanations = explain(self.bundle, feats, top_n=top_n())
         feature_rows = feature_records(feats, self.fs.names)
         created = utcnow()

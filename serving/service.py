@@ -201,8 +201,10 @@ class AccessLogMiddleware:
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", state["request_id"].encode())]
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"x-request-id" for name, _ in headers):  # error responses set it
+                    headers.append((b"x-request-id", state["request_id"].encode()))
+                message["headers"] = headers
             await send(message)
 
         try:
@@ -495,10 +497,11 @@ class RiskScore:
         payload = parse_json(raw) if raw.strip() else {}
         if not isinstance(payload, dict) or set(payload) - {"domains", "force"}:
             raise RequestError(422, "body must be {\"domains\": [...], \"force\": false} or empty")
-        domains = payload.get("domains") or None
-        if domains is not None and (not isinstance(domains, list) or any(d not in DOMAINS for d in domains)):
+        domains = payload.get("domains")  # absent or null: every domain
+        if domains is not None and (not isinstance(domains, list) or not domains
+                                    or any(not isinstance(d, str) or d not in DOMAINS for d in domains)):
             raise RequestError(422, "request failed validation", [
-                {"loc": "domains", "msg": f"a list of {', '.join(DOMAINS)}", "type": "value_error"}])
+                {"loc": "domains", "msg": f"a non-empty list of {', '.join(DOMAINS)}", "type": "value_error"}])
         if not isinstance(payload.get("force", False), bool):
             raise RequestError(422, "request failed validation", [
                 {"loc": "force", "msg": "must be true or false", "type": "bool_type"}])

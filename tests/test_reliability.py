@@ -509,7 +509,8 @@ def test_broken_champion_keeps_previous_serving(server: Server):
     items = _events(server, "finance", 1, start=600)
     with httpx.Client(base_url=server.url, timeout=120) as c:
         for hostile in ({"domains": ["finance"], "model_uri": "file:///tmp/evil"}, {"path": "/tmp/evil.pkl"},
-                        {"domains": ["../finance"]}, {"domains": ["finance"], "force": "yes"}):
+                        {"domains": ["../finance"]}, {"domains": ["finance"], "force": "yes"},
+                        {"domains": [["finance"]]}, {"domains": [{}]}, {"domains": []}):
             r = c.post("/admin/reload", json=hostile, headers=server.headers("admin"))
             assert r.status_code == 422, (hostile, r.text)  # no request field can name a model or a path
         try:

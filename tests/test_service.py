@@ -316,6 +316,10 @@ def _bad_requests(server: Server) -> dict[str, tuple[str, object, int, str | Non
         "oversized_batch": ("finance", {"items": tx[:1] * 1001}, 422, "items"),
         "malformed_json": ("customs", b'{"items": [', 400, None),
         "nan_literal": ("finance", json.dumps(edit(tx, 0, amount=float("nan"))).encode(), 400, None),
+        "time_overflowing_utc": ("finance", edit(tx, 1, timestamp="9999-12-31T23:59:59-01:00"), 422,
+                                 "items.1.timestamp"),
+        "unix_time_text": ("finance", edit(tx, 0, timestamp="1700000000"), 422, "items.0.timestamp"),
+        "overflowing_amount": ("finance", edit(tx, 2, amount=1e308), 422, "items.2.amount"),
         "huge_payload": ("customs", b'{"items": ["' + b"x" * (3 * 1024 * 1024) + b'"]}', 413, None),
     }
 
@@ -331,6 +335,7 @@ def test_bad_input_is_a_4xx_with_field_locations(server: Server):
             assert r.status_code == status, (name, r.status_code, r.text[:500])
             payload = r.json()
             assert payload["error"] and payload["request_id"], name
+            assert r.headers.get_list("x-request-id") == [payload["request_id"]], name
             if loc is not None:
                 assert loc in [d["loc"] for d in payload["detail"]], (name, payload)
     assert _audit_count(server) == before
@@ -553,8 +558,28 @@ def test_keys_cli_and_toml_key_file(tmp_path, monkeypatch):
     for source in (path, toml):
         monkeypatch.setenv("RISKSCORE_KEYS_FILE", str(source))
         assert auth.load_keys().authenticate(key).agency == "Customs-NL"
+    before = toml.read_text()  # revoking from TOML would rewrite it as JSON: refused, the file is unchanged
+    refused = CliRunner().invoke(keys_cmd, ["revoke", auth.hash_key(key)[:12], "--file", str(toml)])
+    assert refused.exit_code != 0 and "TOML" in str(refused.exception) and toml.read_text() == before
     revoked = CliRunner().invoke(keys_cmd, ["revoke", auth.hash_key(key)[:12], "--file", str(path)])
     assert revoked.exit_code == 0 and auth.read_key_file(path) == []
+
+
+def test_key_ids_are_unique_and_fit_the_audit_trail():
+    """The key id names the caller in audit rows and scopes Idempotency-Keys: two keys sharing one (say two
+    agencies' desks both called 'customs-desk') would replay each other's responses, so the store refuses them."""
+    one, two = (auth.hash_key(auth.new_key()) for _ in range(2))
+    desk = {"role": "customs", "id": "customs-desk"}
+    with pytest.raises(ValueError, match="same id"):
+        auth.KeyStore(auth._entries([{**desk, "sha256": one, "agency": "A"},
+                                     {**desk, "sha256": two, "agency": "B"}]), "keys.json")
+    with pytest.raises(ValueError, match="same sha256"):
+        auth.KeyStore(auth._entries([{"sha256": one, "role": "customs", "agency": a} for a in "AB"]), "keys.json")
+    with pytest.raises(ValueError, match="1 to 16"):
+        auth._entries([{**desk, "sha256": one, "agency": "A", "id": "a-desk-name-longer-than-16"}])
+    store = auth.KeyStore(auth._entries([{**desk, "sha256": one, "agency": "A"}, {"sha256": two, "role": "customs",
+                                                                                 "agency": "B"}]), "keys.json")
+    assert [e.id for e in store.entries] == ["customs-desk", two[:12]]
 
 
 def test_history_is_the_data_the_champion_was_trained_and_tested_on(tmp_path, monkeypatch):
@@ -622,3 +647,78 @@ def test_service_history_uses_the_models_label_delay(tmp_path):
     assert batch["importer_confirmed_cases_90d"].iloc[0] == 0  # the delay matters for this event
     undelayed = feature_set("customs", 0.0).build(both, load_datasets("customs", [data_file], 0.0).cases)
     assert undelayed["importer_confirmed_cases_90d"].iloc[-1] >= 1
+
+
+def test_an_event_scored_again_counts_once_as_after_a_restart(tmp_path):
+    """A second scoring of an event id (a retry without Idempotency-Key, an analyst re-checking it, an event of the
+    history) is scored but not counted again: later features are what a restarted service, which replays the
+    first scoring of each id, computes for the same item."""
+    import lightgbm as lgb
+
+    from features.datasets import load_dataset
+    from features.domains import events_of, feature_set
+    from serving.audit import AuditStore
+    from serving.models import parse_batch
+    from serving.scorer import DomainScorer, RequestMeta
+    from training.bundle import Calibrator, ModelBundle
+
+    data_dir = REPO / "tests" / "fixtures" / "amlsim_sample"
+    fs = feature_set("finance")
+    names = ["src_out_count", "src_out_count_1h", "src_out_amount_24h", "pair_count", "pair_amount"]
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.random((200, len(names))), columns=names)
+    booster = lgb.train({"objective": "binary", "verbose": -1, "num_threads": 1},
+                        lgb.Dataset(X, rng.integers(0, 2, 200)), num_boost_round=3)
+    bundle = ModelBundle(domain="finance", feature_names=names, categorical={}, feature_labels={}, booster=booster,
+                         calibrator=Calibrator([0.0, 1.0], [0.0, 1.0]), threshold=0.5, bands={"high": 0.5},
+                         feature_set_version=fs.version, data_paths=[str(data_dir)])
+    last = events_of(load_dataset("finance", data_dir)).iloc[-1]
+    old = {k: (v.isoformat() if isinstance(v, pd.Timestamp) else v) for k, v in last.items() if k != "is_laundering"}
+    end = last["timestamp"]
+
+    def item(tid: str, minutes: int) -> dict:
+        return {**old, "transaction_id": tid, "timestamp": (end + pd.Timedelta(minutes=minutes)).isoformat(),
+                "amount": 9500.0}
+
+    def score(scorer: DomainScorer, audit: AuditStore, *items: dict) -> list[dict]:
+        body = json.dumps({"items": list(items)}).encode()
+        meta = RequestMeta(key_id="k", agency="A", request_id=f"r{time.time_ns()}")
+        with scorer.lock:
+            result = scorer.score(parse_batch("finance", json.loads(body)), meta, body, audit)
+        return [audit.get_score(i["score_id"])["features_json"] for i in result.response["items"]]
+
+    audit = AuditStore(f"sqlite:///{tmp_path / 'audit.db'}")
+    try:
+        live = DomainScorer.build("finance", audit, (bundle, "riskscore-finance", "1"))
+        first = score(live, audit, item("X-1", 10))[0]
+        again = score(live, audit, item("X-1", 10), old)  # X-1 a second time, and an event of the history
+        assert again[0] == first  # same state before it, same features
+        later = score(live, audit, item("Y-1", 65))[0]
+        assert later["src_out_count_1h"] == 1 and later["pair_amount"] == first["pair_amount"] + 9500
+        restarted = DomainScorer.build("finance", audit, (bundle, "riskscore-finance", "1"))
+        assert restarted.online.events_seen == live.online.events_seen == 1021 + 2  # history, X-1, Y-1
+        assert score(restarted, audit, item("Y-2", 65))[0] == later
+    finally:
+        audit.close()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("timestamp", "9999-12-31T23:59:59-01:00", "year must be between"),  # its UTC time overflowed: was a 500
+    ("timestamp", "0001-01-01T00:00:00+01:00", "year must be between"),
+    ("timestamp", "1700000000", "ISO 8601 time"),  # a quoted number was read as a Unix time
+    ("timestamp", "20230624", "ISO 8601 time"),
+    ("amount", 1e308, "less than or equal to"),  # sums of such amounts overflow to infinity in the features
+])
+def test_times_and_quantities_out_of_range_are_field_errors(field, value, message):
+    from serving.models import RequestError, parse_batch
+
+    item = {"transaction_id": "T-1", "timestamp": "2023-06-25T00:00:59", "source_account": "A1",
+            "target_account": "B2", "amount": 9500.0, "currency": "USD", "channel": "wire",
+            "source_country": "US", "target_country": "GB"}
+    assert parse_batch("finance", {"items": [item]})[0].amount == 9500.0
+    with pytest.raises(RequestError) as err:
+        parse_batch("finance", {"items": [{**item, field: value}]})
+    assert err.value.status == 422 and err.value.detail[0]["loc"] == f"items.0.{field}"
+    assert message in err.value.detail[0]["msg"]
+    offset = parse_batch("finance", {"items": [{**item, "timestamp": "1990-01-01T01:00:00+05:00"}]})[0]
+    assert offset.timestamp.isoformat() == "1989-12-31T20:00:00"  # the year sent is in range; UTC is stored
