@@ -83,6 +83,10 @@ class FeatureSet:
     version: str = "1"
     label_delay: pd.Timedelta = field(default_factory=lambda: pd.Timedelta(0))
 
+    def __post_init__(self) -> None:
+        if not self.label_delay >= pd.Timedelta(0):  # a negative delay shows each event its own label
+            raise ValueError(f"the label delay must be >= 0 days (got {self.label_delay})")
+
     def prepare(self, events: pd.DataFrame) -> pd.DataFrame:
         """Row-wise columns of ``events`` (:attr:`prepare_columns`) as a frame with the events' index."""
         return pd.DataFrame(self.prepare_columns(events), index=events.index)

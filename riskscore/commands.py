@@ -40,7 +40,8 @@ def _load(domain: str, path: str, label_delay_days: float | None = None):
 @click.option("--in", "in_path", type=click.Path(exists=True), required=True,
               help="Project-format directory, public customs CSV(s) or AMLSim output directory.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), required=True, help="Output .parquet file.")
-@click.option("--label-delay-days", type=float, default=None, help="Days until an event's outcome is known.")
+@click.option("--label-delay-days", type=click.FloatRange(min=0), default=None,
+              help="Days until an event's outcome is known.")
 def features_cmd(domain: str, in_path: str, out_file: str, label_delay_days: float | None) -> None:
     """Build the point-in-time feature table (one row per event, id, time and label kept)."""
     from features.domains import events_of, feature_set

@@ -126,3 +126,18 @@ def test_smoothed_rates_use_a_fixed_prior(data):
     late_new = feats["declarant_label_rate"].notna() & (decl["date"] > decl["date"].quantile(0.5))
     first = ~decl.duplicated("declarant_id")
     assert feats.loc[late_new & first, "declarant_label_rate"].eq(PRIOR).all()
+
+
+def test_negative_label_delay_is_refused(tmp_path):
+    """A negative delay would show an event its own label (outcomes known before the event happened)."""
+    from click.testing import CliRunner
+
+    from features.domains import feature_set
+    from riskscore.cli import cli
+
+    with pytest.raises(ValueError, match="label delay must be >= 0"):
+        feature_set("customs", -1.0)
+    assert feature_set("customs", 0.0).label_delay == pd.Timedelta(0)
+    result = CliRunner().invoke(cli, ["train", "--domain", "customs", "--data", str(tmp_path),
+                                      "--label-delay-days", "-1"])
+    assert result.exit_code == 2 and "--label-delay-days" in result.output

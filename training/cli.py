@@ -59,7 +59,8 @@ def _one_line(err: Exception) -> str:
 @click.option("--capacity", type=float, default=0.05, show_default=True,
               help="Review capacity: share of events reviewers can inspect (sets the threshold).")
 @click.option("--target-precision", type=float, help="Set the threshold for this precision instead of capacity.")
-@click.option("--label-delay-days", type=float, help="Days until an outcome is known (default: domain default).")
+@click.option("--label-delay-days", type=click.FloatRange(min=0),
+              help="Days until an outcome is known (default: domain default).")
 @click.option("--search-trials", type=int, default=0, show_default=True,
               help="Random-search LightGBM trials (best by validation PR-AUC).")
 @click.option("--search-seconds", type=float,
