@@ -27,6 +27,7 @@ import pandas as pd
 from features.engine import to_seconds
 
 T_COL = "_t"
+LABEL_KNOWN_AT = "label_known_at"  # optional event column: when its label was decided (reviewer outcomes)
 # Event columns by name: a frame, or plain arrays / lists (strings with None for missing, datetimes, floats)
 Columns = pd.DataFrame | Mapping[str, "np.ndarray | pd.Series | list"]
 BUILD_CHUNK_ROWS = 500_000  # rows per derive() call in FeatureSet.build
@@ -107,11 +108,20 @@ class FeatureSet:
     def labels(self) -> dict[str, str]:
         return {f.name: f.label for f in self.features}
 
+    def label_known_at(self, labelled: pd.DataFrame) -> pd.Series:
+        """When the outcomes of ``labelled`` events became known: event time + the label delay, or the decision
+        time in :data:`LABEL_KNOWN_AT` when that is later (a reviewer's outcome is known from its decision)."""
+        known = labelled[self.time_col] + self.label_delay
+        if LABEL_KNOWN_AT in labelled:
+            decided = pd.to_datetime(labelled[LABEL_KNOWN_AT]).astype("datetime64[ns]")
+            known = known.where(~(decided > known), decided)
+        return known
+
     def prepared_labels(self, events: pd.DataFrame) -> pd.DataFrame:
-        """Prepared labelled events stamped with the time their outcome became known (time + delay)."""
+        """Prepared labelled events stamped with the time their outcome became known (:meth:`label_known_at`)."""
         labelled = events[events[self.label_col].notna()] if self.label_col in events else events.iloc[:0]
         out = self.prepare(labelled)
-        out[T_COL] = to_seconds(labelled[self.time_col] + self.label_delay)
+        out[T_COL] = to_seconds(self.label_known_at(labelled))
         return out
 
     def build(
@@ -150,7 +160,10 @@ class FeatureSet:
             return self.prepared_labels(events)
         mask = events[self.label_col].notna().to_numpy()
         out = prepared.take(np.flatnonzero(mask)) if not mask.all() else prepared.copy()
-        out[T_COL] = to_seconds((events[self.time_col] + self.label_delay).to_numpy()[mask])
+        if LABEL_KNOWN_AT in events:
+            out[T_COL] = to_seconds(self.label_known_at(events[mask]).to_numpy())
+        else:
+            out[T_COL] = to_seconds((events[self.time_col] + self.label_delay).to_numpy()[mask])
         return out
 
     def _frame_chunked(self, columns: dict[str, np.ndarray], narrowed: set[str], index: pd.Index, dtype: np.dtype,

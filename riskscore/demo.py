@@ -84,6 +84,8 @@ def show_score(domain: str, body: dict) -> None:
             value = reason["value"]
             shown = f"{value:.4g}" if isinstance(value, float) else value
             click.echo(f"  {reason['contribution']:+.3f}  {reason['label']} = {shown}")
+        if item.get("other_contribution") is not None:
+            click.echo(f"  {item['other_contribution']:+.3f}  all other features")
 
 
 @click.command("demo")

@@ -30,6 +30,7 @@ try:
 except ImportError:  # not on POSIX: writers rely on SQLite's busy handler alone
     fcntl = None
 
+from features.featureset import LABEL_KNOWN_AT
 from features.schemas import TABLES
 from riskscore import config
 from serving.domains import domain_info
@@ -152,10 +153,7 @@ class Replay:
     @property
     def labelled(self) -> pd.DataFrame:
         """Events with their outcome as label; ``label_known_at`` = when it was decided."""
-        out = _labelled(self.domain, self.decided)
-        out["label_known_at"] = pd.to_datetime(
-            pd.Series([r.decided_at for r in self.decided], dtype="object")).astype("datetime64[ns]")
-        return out
+        return _labelled(self.domain, self.decided)
 
     @property
     def cases(self) -> pd.DataFrame:
@@ -665,7 +663,8 @@ class AuditStore:
         return _cases(domain, self._decided(domain, after_outcome_seq))
 
     def export_labelled_events(self, domain: str, after_outcome_seq: int = 0) -> pd.DataFrame:
-        """Scored events with their reviewer outcome as the label column (1 = confirmed), contract dtypes."""
+        """Scored events with their reviewer outcome as the label column (1 = confirmed), contract dtypes, and
+        ``label_known_at`` (the decision time: features of later events see the label from then on)."""
         return _labelled(domain, self._decided(domain, after_outcome_seq))
 
     def recent_features(self, domain: str, limit: int = 5000, model_version: str | None = None,
@@ -741,7 +740,10 @@ def _cases(domain: str, decided: list[sa.Row]) -> pd.DataFrame:
 
 def _labelled(domain: str, decided: list[sa.Row]) -> pd.DataFrame:
     label = domain_info(domain).label_col
-    return events_frame(domain, [{**r.input_json, label: int(r.outcome == "confirmed")} for r in decided])
+    out = events_frame(domain, [{**r.input_json, label: int(r.outcome == "confirmed")} for r in decided])
+    out[LABEL_KNOWN_AT] = pd.to_datetime(pd.Series([r.decided_at for r in decided], dtype="object")
+                                         ).astype("datetime64[ns]").to_numpy()
+    return out
 
 
 def events_frame(domain: str, rows: list[dict]) -> pd.DataFrame:

@@ -215,6 +215,9 @@ class ScoreOut(BaseModel):
     flagged: bool
     threshold: float
     reasons: list[ReasonOut]
+    other_contribution: float | None = Field(
+        None, description="sum of the contributions of the features not in reasons: base_value + the reasons' "
+                          "contributions + other_contribution = raw_margin")
     base_value: float
     raw_margin: float
     model: ModelRef

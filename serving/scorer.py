@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from features.domains import events_of
@@ -247,7 +246,7 @@ class DomainScorer:
         elif rows:
             ingest_columns(self.online, stored_item_columns(self.domain, rows))
         if replay.decided:
-            self._ingest_labels(replay.labelled)
+            self.online.ingest_labels(replay.labelled)  # known from max(event time + delay, decision time)
             self.online.ingest_cases(replay.cases)
         self.score_cursor.mark(replay.score_seqs)
         self.outcome_cursor.mark(replay.outcome_seqs)
@@ -262,16 +261,6 @@ class DomainScorer:
             self.apply_replay(audit.replay(self.domain, self.score_cursor, self.outcome_cursor))
         self.synced_at = time.monotonic()
 
-    def _ingest_labels(self, labelled: pd.DataFrame) -> None:
-        """Labels count from ``max(event time + label delay, decision time)``: never before they were known."""
-        if not len(labelled):
-            return
-        frame = labelled.copy()
-        if "label_known_at" in frame:
-            delay = self.fs.label_delay
-            when = np.maximum(frame[self.fs.time_col] + delay, frame.pop("label_known_at"))
-            frame[self.fs.time_col] = when - delay
-        self.online.ingest_labels(frame)
 
     # -- scoring -----------------------------------------------------------------------------------------
     def score(self, items: list, caller: RequestMeta, body: bytes, audit: AuditStore) -> ScoreResult:
@@ -296,10 +285,12 @@ class DomainScorer:
         for i, (row, expl) in enumerate(zip(rows, explanations, strict=True)):
             score_id = str(uuid.uuid4())
             reasons = [jsonable(vars(r)) for r in expl.reasons]
+            shown = {r.feature for r in expl.reasons}
+            other = sum(c for name, c in expl.contributions.items() if name not in shown)
             out_items.append({
                 "score_id": score_id, "id": row[self.info.id_col], "score": expl.score, "band": expl.band,
                 "flagged": bool(expl.flagged), "threshold": float(self.bundle.threshold), "reasons": reasons,
-                "base_value": expl.base_value, "raw_margin": expl.raw_margin,
+                "other_contribution": other, "base_value": expl.base_value, "raw_margin": expl.raw_margin,
                 "model": {"name": self.model_name, "version": self.model_version},
             })
             audit_rows.append({

@@ -201,6 +201,8 @@ def test_scores_and_explanations(server: Server, domain: str):
         mags = [abs(x.contribution) for x in item.reasons]
         assert mags == sorted(mags, reverse=True)
         assert all(x.direction == ("raises risk" if x.contribution > 0 else "lowers risk") for x in item.reasons)
+        shown = item.base_value + sum(x.contribution for x in item.reasons) + item.other_contribution
+        assert shown == pytest.approx(item.raw_margin, abs=1e-9)  # the response adds up on its own
 
 
 @pytest.mark.parametrize("domain", ["customs", "finance"])
@@ -722,3 +724,55 @@ def test_times_and_quantities_out_of_range_are_field_errors(field, value, messag
     assert message in err.value.detail[0]["msg"]
     offset = parse_batch("finance", {"items": [{**item, "timestamp": "1990-01-01T01:00:00+05:00"}]})[0]
     assert offset.timestamp.isoformat() == "1989-12-31T20:00:00"  # the year sent is in range; UTC is stored
+
+
+def test_reviewer_label_counts_from_its_decision_in_training_as_in_serving(tmp_path, monkeypatch):
+    """A reviewer's outcome is known from its decision, not from event time + delay: a declaration between the two
+    must not see it, in the training features (outcomes read from the audit store) as in the service."""
+    import datetime as dt
+    import uuid
+
+    from features.domains import feature_set
+    from serving.audit import AuditStore, events_frame
+    from serving.fast_path import features_in_time_order
+    from serving.models import Declaration
+    from serving.scorer import DomainScorer
+    from training.bundle import Calibrator, ModelBundle
+    from training.outcomes import read_reviewer_outcomes
+
+    base = {"office_id": "O1", "process_type": "P", "import_type": "I", "import_use": "U", "payment_type": "PT",
+            "transport_mode": "T", "declarant_id": "DEC1", "importer_id": "IMPX", "seller_id": "S1",
+            "courier_id": None, "hs6": "392690", "country_departure": "CN", "country_origin": "CN", "tax_rate": 8.0,
+            "tax_type": "A", "origin_indicator": "G", "net_mass": 100.0, "item_price": 1000.0}
+
+    def item(did: str, day: int) -> dict:
+        return Declaration(declaration_id=did, date=f"2024-03-{day:02d}", **base).model_dump(mode="json")
+
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    audit = AuditStore(url)
+    first = item("A", 1)
+    row = {"score_id": str(uuid.uuid4()), "request_id": "r1", "item_index": 0, "created_at": dt.datetime(2024, 3, 1),
+           "domain": "customs", "event_id": "A", "caller_key_id": "k", "agency": "ag", "model_name": "m",
+           "model_version": "1", "input_json": first, "features_json": {}, "score": 0.9, "band": "high",
+           "flagged": True, "threshold": 0.5, "explanation_json": {}}
+    audit.record_scores({"request_id": "r1", "created_at": dt.datetime(2024, 3, 1), "domain": "customs",
+                         "caller_key_id": "k", "agency": "ag", "idempotency_key": None, "body_sha256": "x",
+                         "items": 1}, [row], {})
+    audit.record_outcome(row["score_id"], "confirmed", None, "rev", "ag", decided_at=dt.datetime(2024, 3, 6, 12))
+    later = [item("B", 3), item("C", 8)]  # before and after the decision
+
+    fs = feature_set("customs", 0.0)
+    reviewed = read_reviewer_outcomes("customs", url)
+    training = fs.build(pd.concat([reviewed.events, events_frame("customs", later)], ignore_index=True),
+                        reviewed.cases).iloc[1:].reset_index(drop=True)
+    monkeypatch.setenv("RISKSCORE_HISTORY_CUSTOMS", "none")
+    bundle = ModelBundle(domain="customs", feature_names=fs.names[:1], categorical={}, feature_labels={},
+                         booster=None, calibrator=Calibrator([0.0, 1.0], [0.0, 1.0]), threshold=0.5,
+                         bands={"high": 0.5}, feature_set_version=fs.version)
+    try:
+        scorer = DomainScorer.build("customs", audit, (bundle, "riskscore-customs", "1"))
+    finally:
+        audit.close()
+    serving = features_in_time_order(scorer.online, events_frame("customs", later)).reset_index(drop=True)
+    pd.testing.assert_frame_equal(training[fs.names], serving[fs.names], check_dtype=False)
+    assert training["importer_label_rate"].iloc[1] > training["importer_label_rate"].iloc[0]  # C sees it, B not

@@ -325,3 +325,23 @@ def test_evaluate_looks_back_on_the_training_data_like_the_test_window(store, tm
     (tmp_path / "valid.csv").rename(tmp_path / "moved.csv")
     gone = CliRunner().invoke(evaluate_cmd, ["--domain", "customs", "--data", str(tmp_path / "later.csv")])
     assert gone.exit_code != 0 and "valid.csv" in gone.output and "--no-history" in gone.output
+
+
+def test_fitting_windows_end_before_the_evaluation_file():
+    """With --eval, labelled events of the other data dated at or after the evaluation file's start (reviewer
+    outcomes of events the service scored later) fit nothing: calibration and threshold never come after the test."""
+    from features.domains import feature_set
+    from training.pipeline import TrainData, make_split
+
+    fs = feature_set("customs")
+    times = pd.to_datetime([f"2023-01-{d:02d}" for d in range(1, 21)]
+                           + [f"2023-02-{d:02d}" for d in range(1, 11)] + [f"2023-03-{d:02d}" for d in range(1, 6)])
+    events = pd.DataFrame({fs.id_col: [f"D{i}" for i in range(len(times))], fs.time_col: times,
+                           fs.label_col: pd.array([i % 2 for i in range(len(times))], dtype="Int8")})
+    from_eval = np.r_[np.zeros(20, bool), np.ones(10, bool), np.zeros(5, bool)]  # train, eval, later reviewed
+    data = TrainData(events=events, cases=pd.DataFrame(), accounts=None, from_eval=from_eval, paths=[], reviewed=5)
+    split = make_split(data, fs, TrainConfig(eval_path="valid.csv"))
+    test_start = times[split.windows["test"]].min()
+    fitted = np.concatenate([split.windows[k] for k in ("train", "validation", "calibration")])
+    assert len(fitted) == 20 and times[fitted].max() < test_start
+    assert sorted(split.windows["test"]) == list(range(20, 30))

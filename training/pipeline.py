@@ -283,13 +283,18 @@ def make_split(data: TrainData, fs: FeatureSet, config: TrainConfig) -> Split:
         pos = np.flatnonzero(labelled)
         sp = time_split(times.iloc[pos], fractions=config.fractions, dates=config.split_dates)
         return Split({k: pos[v] for k, v in sp.windows.items()}, sp.ranges)
-    pos = np.flatnonzero(labelled & ~data.from_eval)
-    sp = time_split(times.iloc[pos], fractions=config.eval_fractions, dates=config.split_dates,
-                    names=("train", "validation", "calibration"))
-    windows = {k: pos[v] for k, v in sp.windows.items()}
     test = np.flatnonzero(labelled & data.from_eval)
     if not len(test):
         raise ValueError("the evaluation file has no labelled events")
+    # Fitting windows end before the test window starts: labelled events of the other data at or after it (e.g.
+    # reviewer outcomes of events the service scored later) stay history for features but fit nothing.
+    before_test = (times < times.iloc[test].min()).to_numpy()
+    pos = np.flatnonzero(labelled & ~data.from_eval & before_test)
+    if not len(pos):
+        raise ValueError("no labelled training events before the evaluation file's first event")
+    sp = time_split(times.iloc[pos], fractions=config.eval_fractions, dates=config.split_dates,
+                    names=("train", "validation", "calibration"))
+    windows = {k: pos[v] for k, v in sp.windows.items()}
     windows["test"] = test
     ranges = dict(sp.ranges, test=(pd.Timestamp(times.iloc[test].min()), pd.Timestamp(times.iloc[test].max())))
     return Split(windows, ranges)
