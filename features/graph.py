@@ -100,8 +100,8 @@ class Cycle:
     first-contact edge times), ``<name>_since_last`` / ``<name>_since_first`` (seconds since the newest /
     oldest such path formed; NaN without one). Hubs are bounded: an edge ``a -> b`` may be the first leg
     only if ``a`` was among ``b``'s first ``max_rank`` distinct senders, and ``b -> c`` the second leg only
-    if ``c`` was among ``b``'s first ``max_rank`` distinct receivers (ranks fixed when the edge is created,
-    in time then arrival order), identically in batch and online.
+    if ``c`` was among ``b``'s first ``max_rank`` distinct receivers (ranked by first-contact time, then row
+    order), identically in batch and online, whatever order the online state receives the transfers in.
     """
 
     name: str
@@ -166,18 +166,42 @@ class Cycle:
         return OnlineCycle(self)
 
 
+_NOBODY = object()
+
+
+def _first_k(first: list, node: object, t: int, moved: bool, k: int) -> tuple[bool, object]:
+    """Put ``node``'s first contact at ``t`` into ``first`` (an account's first ``k`` contacts as ``(t, node)``,
+    sorted by time, then arrival); ``moved``: it had a later first contact. Returns whether ``node`` is among the
+    first ``k`` and the node it pushed out of them (:data:`_NOBODY` if none)."""
+    if moved:
+        for i, (_, other) in enumerate(first):
+            if other == node:
+                del first[i]
+                break
+    if len(first) >= k and t >= first[-1][0]:
+        return False, _NOBODY
+    insort(first, (t, node), key=lambda entry: entry[0])
+    return True, (first.pop()[1] if len(first) > k else _NOBODY)
+
+
 class OnlineCycle:
-    """Online executor of :class:`Cycle`: first-contact adjacency with rank-capped leg indexes."""
+    """Online executor of :class:`Cycle`: first-contact adjacency with rank-capped leg indexes.
+
+    Each account keeps its first ``max_rank`` distinct senders and receivers sorted by first-contact time (then
+    arrival). An older edge arriving late (another replica's events, a backdated transfer) takes its place and
+    pushes the last one out of the legs, so the legs are the batch ones whatever the arrival order.
+    """
 
     def __init__(self, spec: Cycle):
         self.spec = spec
         self._out: dict[object, dict[object, int]] = defaultdict(dict)  # a -> {b: first contact}
-        self._indeg: dict[object, int] = defaultdict(int)
+        self._senders: dict[object, list] = defaultdict(list)  # b -> [(t, a)]: its first max_rank senders
+        self._receivers: dict[object, list] = defaultdict(list)  # a -> [(t, b)]: its first max_rank receivers
         self._leg1: dict[object, dict[object, int]] = defaultdict(dict)  # a -> {b: t} usable as first leg
         self._leg2: dict[object, dict[object, int]] = defaultdict(dict)  # c -> {b: t} usable as second leg
 
     def ingest(self, rows: pd.DataFrame, t_col: str = T_COL) -> None:
-        """Add transfers (sorted by time within the chunk; ranks follow time, then arrival order)."""
+        """Add transfers (in time order within the chunk, then row order)."""
         s_col, d_col = self.spec.edge
         ts = rows[t_col].to_numpy(np.int64)
         order = np.argsort(ts, kind="stable").tolist()
@@ -191,19 +215,19 @@ class OnlineCycle:
         """Add one transfer ``s -> d`` at ``t``."""
         out = self._out[s]
         prev = out.get(d)
-        if prev is None:
-            if self._indeg[d] < self.spec.max_rank:
-                self._leg1[s][d] = t
-            if len(out) < self.spec.max_rank:
-                self._leg2[d][s] = t
-            self._indeg[d] += 1
-            out[d] = t
-        elif t < prev:  # an earlier first contact arrived late: keep ranks, move the time
-            out[d] = t
-            if d in self._leg1.get(s, ()):
-                self._leg1[s][d] = t
-            if s in self._leg2.get(d, ()):
-                self._leg2[d][s] = t
+        if prev is not None and t >= prev:
+            return
+        out[d] = t
+        kept, dropped = _first_k(self._senders[d], s, t, prev is not None, self.spec.max_rank)
+        if kept:
+            self._leg1[s][d] = t
+        if dropped is not _NOBODY:
+            self._leg1[dropped].pop(d, None)
+        kept, dropped = _first_k(self._receivers[s], d, t, prev is not None, self.spec.max_rank)
+        if kept:
+            self._leg2[d][s] = t
+        if dropped is not _NOBODY:
+            self._leg2[dropped].pop(s, None)
 
     def query(self, key: tuple, t: int) -> list[float]:
         s, d = key

@@ -283,3 +283,25 @@ def test_confirmed_links_mule_and_case_timing():
     ex.ingest(cases, source="cases:account")
     assert ex.query(("M", "Y"), 600) == [1.0, 0.0, 0.0, 1.0]
     assert ex.query(("M", "Y"), 500) == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_cycle_legs_do_not_depend_on_arrival_order():
+    """Hub ranks follow first-contact time: an older edge arriving late (another replica's events, a backdated
+    transfer) takes its rank and pushes the last sender or receiver out of the legs, as in batch."""
+    from features.featureset import T_COL
+    from features.graph import Cycle
+
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        n = 60
+        ev = pd.DataFrame({"source_account": [f"A{i}" for i in rng.integers(0, 8, n)],
+                           "target_account": [f"A{i}" for i in rng.integers(0, 8, n)],
+                           T_COL: rng.permutation(n) * 10})  # distinct times: ties rank by row order in batch
+        spec = Cycle("cy", max_rank=2)
+        batch = spec.batch({"events": ev}, ev).to_numpy()
+        online = spec.online()
+        for j in rng.permutation(n):
+            online.ingest(ev.iloc[[j]])
+        got = np.array([online.query((s, d), t)
+                        for s, d, t in ev[["source_account", "target_account", T_COL]].itertuples(index=False)])
+        np.testing.assert_allclose(got, batch, equal_nan=True, err_msg=f"seed {seed}")
