@@ -219,10 +219,10 @@ FEATURES = [
         )
     ),
     FeatureDef("courier_count_30d", "Courier: declarations in the last 30 days"),
-    FeatureDef("importer_distinct_hs6_90d", "Importer: distinct HS6 codes in the last 90 days"),
-    FeatureDef("importer_distinct_sellers_90d", "Importer: distinct sellers in the last 90 days"),
-    FeatureDef("importer_distinct_declarants_90d", "Importer: distinct declarants in the last 90 days"),
-    FeatureDef("seller_distinct_importers_90d", "Seller: distinct importers in the last 90 days"),
+    FeatureDef("importer_distinct_hs6_90d", "Importer: HS6 codes first declared in the last 90 days"),
+    FeatureDef("importer_distinct_sellers_90d", "Importer: sellers first used in the last 90 days"),
+    FeatureDef("importer_distinct_declarants_90d", "Importer: declarants first used in the last 90 days"),
+    FeatureDef("seller_distinct_importers_90d", "Seller: importers first supplied in the last 90 days"),
     FeatureDef("importer_new_hs6", "First time this importer declares this HS6"),
     FeatureDef("unit_price_vs_own_history", "Unit price vs importer's own history for this HS6 (log)"),
     *(

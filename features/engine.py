@@ -89,7 +89,8 @@ class Agg:
 
 @dataclass(frozen=True)
 class Distinct:
-    """Number of distinct ``other`` values seen with the key strictly before the query time."""
+    """Number of distinct ``other`` values seen with the key strictly before the query time; with a ``window``,
+    those first seen with the key within it (new counterparties, not all the window's distinct ones)."""
 
     name: str
     source: str
