@@ -41,6 +41,7 @@ import bentoml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving import auth
 from serving.audit import AuditStore, OutcomeExists, dumps_json_bytes, jsonable
@@ -172,6 +173,14 @@ async def _auth_error(request: Request, err: auth.AuthError) -> JSONResponse:
     return response
 
 
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes (404), wrong methods (405): the same error body as every other error."""
+    response = _error(err.status_code, {"error": str(err.detail)}, _state(request).get("request_id"))
+    response.headers.update(err.headers or {})
+    return response
+
+
 @app.exception_handler(ServingConfigError)
 async def _config_error(request: Request, err: ServingConfigError) -> JSONResponse:
     return _error(503, {"error": str(err)}, _state(request).get("request_id"))
@@ -249,6 +258,38 @@ class ReadyzMiddleware:
                     domains[domain] = {**domains[domain], "reload_error": error}
             response = JSONResponse({"status": "degraded" if errors else "ready", "domains": domains})
         await response(scope, receive, send)
+
+
+class PlainErrorMiddleware:
+    """BentoML's own router answers unknown paths and wrong methods in plain text, before the routes of this
+    service see them: such answers get the service's JSON error body, with a request id, like every other error."""
+
+    def __init__(self, inner, **_options):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        held: dict[str, Any] = {}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start" and message["status"] in (404, 405):
+                headers = {k.lower(): v for k, v in message.get("headers", [])}
+                if headers.get(b"content-type", b"").startswith(b"text/plain"):
+                    held.update(status=message["status"], allow=headers.get(b"allow"), body=b"")
+                    return
+            if message["type"] == "http.response.body" and held:
+                held["body"] += message.get("body", b"")
+                if message.get("more_body"):
+                    return
+                response = _error(held["status"], {"error": held["body"].decode(errors="replace").strip()},
+                                  uuid.uuid4().hex)
+                if held["allow"]:
+                    response.headers["Allow"] = held["allow"].decode()
+                return await response(scope, receive, send)
+            await send(message)
+
+        await self.inner(scope, receive, send_wrapper)
 
 
 class DriftMiddleware:
@@ -583,6 +624,7 @@ class RiskScore:
 
 RiskScore.add_asgi_middleware(ReadyzMiddleware)
 RiskScore.add_asgi_middleware(DriftMiddleware)
+RiskScore.add_asgi_middleware(PlainErrorMiddleware)
 
 
 def drift_interval() -> float:

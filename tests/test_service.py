@@ -270,6 +270,10 @@ def test_auth_matrix(server: Server):
                     assert r.status_code == 403, (name, role, r.status_code, r.text)
         key = server.keys[("customs", "A")]  # X-API-Key works like Bearer
         assert c.post("/score_shipments", json={"items": []}, headers={"X-API-Key": key}).status_code == 422
+        for method, path, status in (("GET", "/no-such-route", 404), ("GET", "/score_shipments", 405)):
+            r = c.request(method, path, headers={"X-API-Key": key})
+            assert r.status_code == status and r.text.startswith("{"), (path, r.status_code, r.headers, r.text)
+            assert r.json()["request_id"] and r.json()["error"], (path, r.text)
 
 
 @server_test
