@@ -76,7 +76,7 @@ class KeyEntry:
             raise ValueError(f"unknown role {self.role!r}: use one of {', '.join(ROLES)}")
         if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
             raise ValueError("a key entry's sha256 must be 64 lower-case hex digits")
-        if not self.agency:
+        if not self.agency.strip():
             raise ValueError("a key entry needs an agency")
         if not self.id:
             object.__setattr__(self, "id", self.sha256[:12])
