@@ -112,6 +112,17 @@ key_requests = sa.Table(  # every accepted request of the other routes (reads, o
 )
 
 
+review_sessions = sa.Table(  # review web page sessions, shared by every worker and replica (serving/review)
+    "review_sessions", metadata,
+    sa.Column("sid_sha256", sa.String(64), primary_key=True),  # the cookie holds the id; only its hash is here
+    sa.Column("key_id", sa.String(16), nullable=False),
+    sa.Column("key_sha256", sa.String(64), nullable=False),  # the key's stored hash: a reissued id is not it
+    sa.Column("csrf", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),  # Unix seconds (every process shares the wall clock)
+    sa.Column("seen_at", sa.Float, nullable=False),
+)
+
+
 _HEADS_SQL = f"SELECT (SELECT max(seq) FROM {scores.name}), (SELECT max(seq) FROM {outcomes.name})"
 _USAGE_HEADS_SQL = f"SELECT (SELECT max(seq) FROM {scores.name}), (SELECT max(seq) FROM {key_requests.name})"
 
@@ -528,6 +539,32 @@ class AuditStore:
             return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(reloads.c.seq), 0))).scalar_one())
 
     # -- reviewer workspace (serving/review) ------------------------------------------------------------
+    def create_session(self, row: dict, expired_before: float, max_sessions: int) -> None:
+        """Store a review session; drop expired ones, and the least recently seen beyond ``max_sessions``."""
+        with self.write_lock, self.engine.begin() as conn:
+            conn.execute(review_sessions.delete().where(review_sessions.c.seen_at < expired_before))
+            count = conn.execute(sa.select(sa.func.count()).select_from(review_sessions)).scalar_one()
+            if count >= max_sessions:
+                oldest = sa.select(review_sessions.c.sid_sha256).order_by(review_sessions.c.seen_at).limit(
+                    count - max_sessions + 1)
+                conn.execute(review_sessions.delete().where(review_sessions.c.sid_sha256.in_(oldest)))
+            conn.execute(review_sessions.insert().values(**row))
+
+    def get_session(self, sid_sha256: str) -> dict | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(review_sessions).where(
+                review_sessions.c.sid_sha256 == sid_sha256)).mappings().first()
+        return dict(row) if row else None
+
+    def touch_session(self, sid_sha256: str, seen_at: float) -> None:
+        with self.write_lock, self.engine.begin() as conn:
+            conn.execute(review_sessions.update().where(review_sessions.c.sid_sha256 == sid_sha256)
+                         .values(seen_at=seen_at))
+
+    def drop_session(self, sid_sha256: str) -> None:
+        with self.write_lock, self.engine.begin() as conn:
+            conn.execute(review_sessions.delete().where(review_sessions.c.sid_sha256 == sid_sha256))
+
     def review_queue(self, *, agency: str | None = None, domain: str | None = None, band: str | None = None,
                      flagged: bool | None = True, status: str | None = None, since: dt.datetime | None = None,
                      until: dt.datetime | None = None, order: str = "newest", limit: int = 25,

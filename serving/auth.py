@@ -210,19 +210,35 @@ class KeyStore:
             raise AuthError(401, "invalid API key")
         return found.caller()
 
-    def caller(self, key_id: str) -> Caller | None:
-        """The caller owning key id ``key_id`` (None if no configured key has it)."""
+    def entry(self, key_id: str) -> KeyEntry | None:
+        """The configured key with id ``key_id`` (None if there is none)."""
         for entry in self.entries:
             if entry.id == key_id:
-                return entry.caller()
+                return entry
         return None
+
+    def caller(self, key_id: str) -> Caller | None:
+        """The caller owning key id ``key_id`` (None if no configured key has it)."""
+        entry = self.entry(key_id)
+        return entry.caller() if entry is not None else None
 
     def authorize(self, presented: str | None, permission: str) -> Caller:
         """Authenticate, then 403 unless the caller's role grants ``permission``."""
-        caller = self.authenticate(presented)
-        if not caller.can(permission):
-            raise AuthError(403, f"role '{caller.role}' may not use this endpoint")
-        return caller
+        return _permitted(self.authenticate(presented), permission)
+
+    def authorize_session(self, key_id: str, key_sha256: str, permission: str) -> Caller:
+        """The caller of a review session's key (its id and hash): 401 once that key is no longer configured
+        (revoked, or its id given to another key), 403 unless its role grants ``permission``."""
+        entry = self.entry(key_id)
+        if entry is None or not hmac.compare_digest(entry.sha256.encode(), key_sha256.encode()):
+            raise AuthError(401, "the session's API key is no longer valid")
+        return _permitted(entry.caller(), permission)
+
+
+def _permitted(caller: Caller, permission: str) -> Caller:
+    if not caller.can(permission):
+        raise AuthError(403, f"role '{caller.role}' may not use this endpoint")
+    return caller
 
 
 def presented_key(headers) -> str | None:

@@ -390,8 +390,11 @@ class RiskScore:
         worker and replica). An accepted request of another route than scoring is recorded in the audit store
         (``key_requests``); a scoring request is recorded by its score rows."""
         self._follow_reloads()
-        caller = self.keys.authorize(auth.presented_key(request.headers), permission)
         state = _state(request)
+        if (session_key := state.get("session_key")) is not None:  # (id, hash): a review page session's key
+            caller = self.keys.authorize_session(*session_key, permission)
+        else:
+            caller = self.keys.authorize(auth.presented_key(request.headers), permission)
         state["key_id"], state["agency"] = caller.key_id, caller.agency
         self.usage.take(caller)  # after charging what this key did through other workers and replicas
         if not scoring:

@@ -694,9 +694,13 @@ def test_replicas_on_one_audit_store_see_each_others_events_and_reloads(server: 
     """A second replica (2 workers) on the same audit store: transfers of one new account scored alternately
     through both count every earlier one, whichever process scored it (catch-up before each request); a key's
     rate limit holds across all three workers, for scoring and for reads; and a key revoked and reloaded through
-    the first replica is refused by every worker of the second."""
+    the first replica is refused by every worker of the second. A review page session opened on one replica is
+    known to every worker of both (sessions live in the audit store), and ends everywhere at logout or revocation."""
+    from tests.test_review_page import _csrf, _login
+
     path = Path(server.env["RISKSCORE_KEYS_FILE"])
     temp_key, entry, _ = auth.add_key("financial", "A", path)
+    review_key, review_entry, _ = auth.add_key("reviewer", "A", path)
     limited, reader = _add_keys(server, [("financial", "L"), ("reviewer", "A")], rate=0.01, burst=4)
     port = _free_port()
     log = tmp_path / "replica.log"
@@ -723,7 +727,25 @@ def test_replicas_on_one_audit_store_see_each_others_events_and_reloads(server: 
         while history_events() < before + len(batch):
             assert time.monotonic() < deadline, "the idle replica did not catch up in the background"
             time.sleep(0.2)
+        # review sessions: opened on the first replica, used on fresh connections to both (any worker)
+        def review_statuses(cookies: httpx.Cookies, n: int = 8) -> set[int]:
+            statuses = set()
+            for i in range(n):
+                with httpx.Client(base_url=[server.url, other][i % 2], cookies=cookies, timeout=60) as c:
+                    statuses.add(c.get("/review/queue").status_code)
+            return statuses
+
+        sessions = []
+        for key in (server.keys[("reviewer", "A")], review_key):
+            with httpx.Client(base_url=server.url, timeout=60) as c:
+                assert _login(c, key).status_code == 303
+                sessions.append(httpx.Cookies({"riskscore_review": c.cookies["riskscore_review"]}))
+        assert review_statuses(sessions[0]) == review_statuses(sessions[1]) == {200}
+        with httpx.Client(base_url=other, cookies=sessions[0], timeout=60) as c:
+            assert c.post("/review/logout", data={"csrf": _csrf(c.get("/review/queue").text)}).status_code == 303
+        assert review_statuses(sessions[0]) == {303}  # logged out on the second replica: gone everywhere
         # a key revoked and reloaded through the first replica: the second follows
+        auth.revoke_key(review_entry.id, path)
         temp = {"Authorization": f"Bearer {temp_key}"}
         item = dict(template, transaction_id=f"K{time.time_ns()}")
         _status_streak(other, temp, item, 200)
@@ -732,6 +754,7 @@ def test_replicas_on_one_audit_store_see_each_others_events_and_reloads(server: 
             assert c.post("/admin/reload", json={"domains": ["finance"]},
                           headers=server.headers("admin")).status_code == 200
         _status_streak(other, temp, item, 401)
+        assert review_statuses(sessions[1]) == {303}  # the revoked reviewer's session ended on every worker
     finally:
         local_server.stop(proc)
 

@@ -14,6 +14,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -216,6 +217,36 @@ def test_pages_need_a_reviewer_session_and_csrf(server: Server):
         assert seen.status_code == 200 and "outcome-form" not in seen.text
         refused = admin.post(f"/review/items/{sid}/outcome", data={"outcome": "cleared", "csrf": _csrf(seen.text)})
         assert refused.status_code == 403
+
+
+@server_test
+def test_queue_bounds_and_a_late_second_decision(server: Server):
+    """Absurd page numbers and dates are answered (never a 500), a page past the end goes to the last one, an
+    expired session's outcome form returns to its item after login, and a second reviewer deciding an item already
+    decided is told so (their note shown, not lost)."""
+    case = _finance_case(server)
+    sid = case["scored"][2]["score_id"]
+    with server.client() as c, server.client() as late:
+        expired = c.post(f"/review/items/{sid}/outcome", data={"outcome": "cleared"})
+        assert expired.status_code == 303
+        assert expired.headers["location"] == "/review/login?" + urlencode({"next": f"/review/items/{sid}"})
+        assert _login(c, server.keys[("reviewer", "A")]).status_code == 303
+        for page in ("99999999999999999999", "100000"):
+            far = c.get("/review/queue", params={"band": "any", "status": "any", "page": page})
+            assert far.status_code == 303 and "page=" in far.headers["location"], (page, far.text[:300])
+            last = c.get(far.headers["location"])
+            assert last.status_code == 200 and "Nothing matches" not in last.text
+        for day in ("9999-12-31", "0001-01-01"):
+            bad = c.get("/review/queue", params={"until": day, "since": day})
+            assert bad.status_code == 400 and "between" in bad.text
+        assert _login(late, server.keys[("reviewer", "A")]).status_code == 303
+        page_a, page_b = c.get(f"/review/items/{sid}"), late.get(f"/review/items/{sid}")
+        first = c.post(f"/review/items/{sid}/outcome", data={"outcome": "cleared", "csrf": _csrf(page_a.text)})
+        assert first.status_code == 303
+        second = late.post(f"/review/items/{sid}/outcome",
+                           data={"outcome": "confirmed", "note": "my reasoning", "csrf": _csrf(page_b.text)})
+        assert second.status_code == 409
+        assert "already has an outcome" in second.text and "my reasoning" in second.text
 
 
 # ------------------------------------------------------------------------------------------- the browser

@@ -28,6 +28,8 @@ log = logging.getLogger("riskscore.serving.review")
 
 HERE = Path(__file__).resolve().parent
 PAGE_SIZE = 25
+MAX_PAGE = 1_000_000  # page numbers beyond this are treated as this (SQL offsets stay in range)
+MIN_DAY, MAX_DAY = dt.date(1900, 1, 1), dt.date(9998, 12, 31)  # date filters; the end date + 1 day must exist
 BANDS = ("flagged", "any", "high", "medium", "low")
 STATUSES = ("open", "confirmed", "cleared", "any")
 SORTS = ("newest", "risk")
@@ -52,7 +54,7 @@ templates.filters["when"] = lambda x: (x.strftime("%Y-%m-%d %H:%M:%S UTC") if is
 
 app = FastAPI(title="riskscore review", docs_url=None, redoc_url=None, openapi_url=None)
 app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-sessions = SessionStore()
+sessions = SessionStore(lambda: _service().audit)
 
 
 def _default_service():
@@ -114,13 +116,17 @@ def _service():
     return svc
 
 
-def _api_request(request: Request, key: str, method: str = "GET", path: str | None = None,
-                 body: bytes = b"") -> Request:
-    """A request to the API's own handlers on behalf of the session's key (same auth, checks and logging)."""
+def _api_request(request: Request, method: str = "GET", path: str | None = None, body: bytes = b"", *,
+                 key: str | None = None, session: Session | None = None) -> Request:
+    """A request to the API's own handlers on behalf of a key typed at login or of a session's key (same auth,
+    checks and logging)."""
     state = request.scope.setdefault("riskscore", {})
-    scope = {**request.scope, "method": method, "query_string": b"", "riskscore": state, "headers": [
-        (b"authorization", f"Bearer {key}".encode()), (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode())]}
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if key is not None:
+        headers.append((b"authorization", f"Bearer {key}".encode()))
+    if session is not None:
+        state["session_key"] = (session.key_id, session.key_sha256)
+    scope = {**request.scope, "method": method, "query_string": b"", "riskscore": state, "headers": headers}
     if path is not None:
         scope.update(path=path, raw_path=path.encode(), root_path="")
     sent = False
@@ -135,9 +141,11 @@ def _api_request(request: Request, key: str, method: str = "GET", path: str | No
     return Request(scope, receive)
 
 
-def _authorize(request: Request, key: str, permission: str = "scores:read") -> auth.Caller:
-    """The key's caller through the service's own ``_authorize`` (roles, agency, rate limits, access log)."""
-    return _service()._authorize(_api_request(request, key), permission)
+def _authorize(request: Request, key: str | None = None, session: Session | None = None,
+               permission: str = "scores:read") -> auth.Caller:
+    """The caller of a key or a session through the service's own ``_authorize`` (roles, agency, rate limits,
+    access log)."""
+    return _service()._authorize(_api_request(request, key=key, session=session), permission)
 
 
 def _current(request: Request) -> tuple[Session, auth.Caller]:
@@ -146,7 +154,7 @@ def _current(request: Request) -> tuple[Session, auth.Caller]:
     if session is None:
         raise LoginRequired()
     try:
-        caller = _authorize(request, session.key)
+        caller = _authorize(request, session=session)
     except auth.AuthError as err:
         if err.status == 401:  # the key was revoked
             sessions.drop(session.sid)
@@ -185,10 +193,12 @@ def render(request: Request, name: str, status_code: int = 200, session: Session
 
 @app.exception_handler(PageError)
 async def _page_error(request: Request, err: PageError) -> HTMLResponse:
-    session = sessions.get(request.cookies.get(COOKIE))
-    user = None
-    if session is not None:
-        user = auth.Caller(key_id=session.key_id, role=session.role, agency=session.agency)
+    session, user = None, None
+    try:  # the page's header shows who is logged in, when that can be known
+        session = sessions.get(request.cookies.get(COOKIE))
+        user = _service().keys.caller(session.key_id) if session is not None else None
+    except Exception:  # e.g. the service is starting: the error page itself must still render
+        session = None
     return render(request, "error.html", err.status, session, user, headers=err.headers, status=err.status,
                   message=err.message)
 
@@ -196,6 +206,8 @@ async def _page_error(request: Request, err: PageError) -> HTMLResponse:
 @app.exception_handler(LoginRequired)
 async def _login_required(request: Request, _err: LoginRequired) -> RedirectResponse:
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    if request.method != "GET":  # e.g. an outcome form posted after the session ended: back to its page
+        target = request.url.path.removesuffix("/outcome")
     return RedirectResponse(f"{_base(request)}/login?{urlencode({'next': target})}", status_code=303)
 
 
@@ -238,7 +250,7 @@ async def login(request: Request) -> Response:
         return _login_page(request, 403, "The login form expired; please try again.", target)
     key = str(form.get("api_key") or "").strip()
     try:
-        caller = _authorize(request, key)
+        caller = _authorize(request, key=key)
     except auth.AuthError as err:
         if err.status == 403:
             message = f"A '{_role_of(key)}' key cannot open the review workspace; use a reviewer (or admin) key."
@@ -248,7 +260,7 @@ async def login(request: Request) -> Response:
             message = str(err)
         return _login_page(request, err.status, message, target)
     sessions.drop(request.cookies.get(COOKIE))  # no session fixation: always a fresh id
-    session = sessions.create(key, caller.key_id, caller.role, caller.agency)
+    session = sessions.create(caller.key_id, auth.hash_key(key))
     log.info("review login", extra={"fields": {"key_id": caller.key_id, "role": caller.role,
                                                "agency": caller.agency}})
     response = RedirectResponse(_safe_next(request, target), status_code=303)
@@ -283,10 +295,13 @@ def _parse_day(value: str | None, field: str, errors: list[str]) -> dt.date | No
     if not value:
         return None
     try:
-        return dt.date.fromisoformat(value)
+        day = dt.date.fromisoformat(value)
     except ValueError:
-        errors.append(f"{field}: expected a date like 2024-05-31")
+        day = None
+    if day is None or not MIN_DAY <= day <= MAX_DAY:
+        errors.append(f"{field}: expected a date like 2024-05-31, between {MIN_DAY} and {MAX_DAY}")
         return None
+    return day
 
 
 def _choice(value: str | None, allowed: tuple[str, ...], default: str, field: str, errors: list[str]) -> str:
@@ -299,7 +314,7 @@ def _choice(value: str | None, allowed: tuple[str, ...], default: str, field: st
 
 
 @app.get("/queue")
-async def queue(request: Request) -> HTMLResponse:
+async def queue(request: Request) -> Response:
     session, caller = _current(request)
     q, errors = request.query_params, []
     domain = _choice(q.get("domain"), ("any", *DOMAINS), "any", "domain", errors)
@@ -309,7 +324,7 @@ async def queue(request: Request) -> HTMLResponse:
     since = _parse_day(q.get("since"), "from", errors)
     until = _parse_day(q.get("until"), "to", errors)
     try:
-        page = max(1, int(q.get("page") or 1))
+        page = min(max(1, int(q.get("page") or 1)), MAX_PAGE)
     except ValueError:
         page, _ = 1, errors.append("page: expected a number")
     filters = {"domain": domain, "band": band, "status": status, "sort": sort,
@@ -327,6 +342,9 @@ async def queue(request: Request) -> HTMLResponse:
 
     def link(p: int) -> str:
         return f"{_base(request)}/queue?" + urlencode({**filters, "page": p})
+
+    if page > pages and not errors:  # past the end (items were decided meanwhile, or a hand-made link)
+        return RedirectResponse(link(pages), status_code=303)
 
     return render(request, "queue.html", 400 if errors else 200, session, caller, rows=result.rows,
                   total=result.total, page=page, pages=pages, filters=filters, errors=errors,
@@ -410,7 +428,7 @@ async def record_outcome(request: Request, score_id: str) -> Response:
     body = json.dumps({"score_id": score_id, "outcome": str(form.get("outcome") or ""), "note": note}).encode()
     error, status = None, 200
     try:
-        await svc.post_outcome(_api_request(request, session.key, "POST", "/outcomes", body))
+        await svc.post_outcome(_api_request(request, "POST", "/outcomes", body, session=session))
     except RequestError as err:
         status = err.status
         error = "; ".join(f"{d['loc']}: {d['msg']}" for d in err.detail) if err.detail else err.error
