@@ -145,6 +145,26 @@ def test_logged_pyfunc_scores_like_the_bundle_without_pickles(first, tmp_path):
     out = model.predict(sample)
     np.testing.assert_allclose(out["score"].to_numpy(), first.bundle.predict(sample), atol=1e-12)
     assert set(out["band"]) <= set(first.bundle.bands) | {"low"}
+    # the logged model carries the code it imports: it loads and scores where this project is not installed
+    sample.to_parquet(tmp_path / "sample.parquet")
+    repo = str(Path(__file__).resolve().parents[1])
+    script = "\n".join([
+        "import sys, importlib.util",
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]",
+        f"sys.path[:] = [p for p in sys.path if p not in ('', {repo!r})]",
+        "assert importlib.util.find_spec('training') is None, 'the project is still importable'",
+        "import json, mlflow.pyfunc, pandas as pd",
+        f"model = mlflow.pyfunc.load_model({str(local)!r})",
+        "print(json.dumps(model.predict(pd.read_parquet('sample.parquet'))['score'].tolist()))",
+    ])
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    scores = json.loads(done.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(scores, out["score"].to_numpy(), atol=1e-12)
 
 
 def test_bands_hold_their_shares_of_the_calibration_window(first):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import warnings
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 MODEL_ARTIFACT = "model"
 REPORT_DIR = "report"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # "models from code": no pickled Python object
+PYFUNC_MODULES = ("__init__.py", "bundle.py", "pyfunc.py")  # what the model's code imports: shipped with it
 
 
 def experiment_name(domain: str) -> str:
@@ -280,6 +282,16 @@ def pip_requirements() -> list[str]:
             f"numpy=={np.__version__}", f"scikit-learn=={sklearn.__version__}"]
 
 
+def pyfunc_package(root: Path) -> Path:
+    """A ``training`` package holding only the modules the pyfunc imports (:data:`PYFUNC_MODULES`), so the logged
+    model loads without this project installed (``mlflow.pyfunc.load_model`` puts it on the path)."""
+    package = root / "training"
+    package.mkdir(parents=True, exist_ok=True)
+    for name in PYFUNC_MODULES:
+        shutil.copyfile(Path(__file__).with_name(name), package / name)
+    return package
+
+
 def log_run(result: TrainResult) -> tuple[str, str | None]:
     """Log the run (params, metrics, tags, artifacts, pyfunc model); returns (run id, registered version)."""
     experiment_id = ensure_experiment(result.domain)
@@ -298,6 +310,7 @@ def log_run(result: TrainResult) -> tuple[str, str | None]:
             signature = infer_signature(sample, predict_frame(result.bundle, sample))
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT, python_model=str(PYFUNC_CODE), artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+                code_paths=[str(pyfunc_package(Path(tmp) / "code"))],
                 signature=signature, input_example=sample.head(5),
                 registered_model_name=name if result.config.register else None,
                 pip_requirements=pip_requirements(),
