@@ -365,3 +365,23 @@ def test_fitting_windows_end_before_the_evaluation_file():
     fitted = np.concatenate([split.windows[k] for k in ("train", "validation", "calibration")])
     assert len(fitted) == 20 and times[fitted].max() < test_start
     assert sorted(split.windows["test"]) == list(range(20, 30))
+
+
+def test_champion_is_compared_only_where_it_is_comparable(first, customs_dir, tmp_path):
+    """A challenger whose test window lies inside the champion's training data cannot beat it on in-sample scores:
+    it is not compared there (no automatic promotion, the reason says why); nor is a champion whose features
+    used another label delay."""
+    from features.datasets import load_dataset
+
+    champion = client().get_model_version_by_alias(NAME, "champion").version
+    events = load_dataset("customs", customs_dir).declarations
+    early = events[events["date"] < events["date"].quantile(0.5)]
+    early.to_parquet(tmp_path / "early.parquet")
+    inside = train("customs", tmp_path / "early.parquet", config=CONFIG)
+    assert inside.promotion["decision"] == "challenger" and inside.promotion["champion"] is None
+    assert "fitted on events up to" in inside.promotion["reason"], inside.promotion["reason"]
+    delayed = train("customs", customs_dir, config=replace(CONFIG, label_delay_days=5.0))
+    assert delayed.promotion["decision"] == "challenger" and "label delay" in delayed.promotion["reason"]
+    assert client().get_model_version_by_alias(NAME, "champion").version == champion
+    assert first.bundle.fitted_until == max(first.split.ranges[w][1]
+                                            for w in ("train", "validation", "calibration")).isoformat()

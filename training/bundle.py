@@ -73,6 +73,7 @@ class ModelBundle:
     metrics: dict = field(default_factory=dict)
     data_path: str = ""  # the training data (first of data_paths; bundles before data_paths have only this)
     data_paths: list[str] = field(default_factory=list)  # every dataset the run read: training, then evaluation
+    fitted_until: str = ""  # latest event time (ISO) of the windows it was fitted on: train, validation, calibration
 
     def history_paths(self) -> list[str]:
         """The data the model's features looked back on, which the service's entity history starts from."""

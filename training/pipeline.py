@@ -480,6 +480,7 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
                                     window=DRIFT_WINDOW, learned_rates=fs.learned_rates),
         data_path=data.paths[0],
         data_paths=list(data.paths),
+        fitted_until=max(split.ranges[w][1] for w in ("train", "validation", "calibration")).isoformat(),
     )
     table = metric_table(models)
     lap("calibrate_evaluate")

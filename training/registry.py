@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
@@ -93,6 +94,28 @@ def compare(challenger: dict[str, float], champion: dict[str, float]) -> bool:
     return challenger["pr_auc"] > champion["pr_auc"] and challenger["precision"] >= champion["precision"]
 
 
+def _not_comparable(old: ModelBundle, new: ModelBundle) -> str | None:
+    """Why the champion cannot be scored on the challenger's test features (None if it can)."""
+    if old.feature_set_version != new.feature_set_version:
+        return f"uses feature set {old.feature_set_version}, not {new.feature_set_version}"
+    if float(old.label_delay_days) != float(new.label_delay_days):
+        return f"was trained with a {old.label_delay_days:g}-day label delay, not {new.label_delay_days:g} days"
+    return None
+
+
+def fitted_until(bundle: ModelBundle, mv: ModelVersion) -> pd.Timestamp | None:
+    """The latest event time a registered model was fitted on (its bundle, else its run's window tags)."""
+    if getattr(bundle, "fitted_until", ""):
+        return pd.Timestamp(bundle.fitted_until)
+    try:
+        tags = connect().get_run(mv.run_id).data.tags if mv.run_id else {}
+    except Exception:  # the run is gone: unknown
+        return None
+    ends = [tags[f"window_{w}"].split(" .. ")[-1] for w in ("train", "validation", "calibration")
+            if f"window_{w}" in tags]
+    return max(pd.Timestamp(e) for e in ends) if ends else None
+
+
 def decide_promotion(result: TrainResult) -> dict:
     """Apply the promotion rule to the run's newly registered version and record the decision."""
     client = connect()
@@ -110,15 +133,27 @@ def decide_promotion(result: TrainResult) -> dict:
         promote_it, reason = True, "first model of the domain"
     else:
         old = load_bundle(current)
-        if old.feature_set_version != result.bundle.feature_set_version:
+        # Both models are scored on the test events the champion was not fitted on (a test window inside its
+        # training data would give it in-sample scores), with the same features (same definitions and delay).
+        times = pd.to_datetime(result.data.events[result.fs.time_col].iloc[result.split["test"]]).to_numpy()
+        until = fitted_until(old, current)
+        unseen = times > np.datetime64(until) if until is not None else np.ones(len(times), bool)
+        why_not = _not_comparable(old, result.bundle)
+        if why_not is None and len(np.unique(y_test[unseen])) < 2:
+            why_not = (f"was fitted on events up to {until}, which leaves no test events of both classes after "
+                       "it to compare on")
+        if why_not is not None:
             promote_it = False
-            reason = (f"champion v{current.version} uses feature set {old.feature_set_version}, not comparable; "
-                      "promote by hand if intended")
+            reason = f"champion v{current.version} {why_not}: not comparable; promote by hand if intended"
         else:
-            champion = _scores(old, X_test, y_test, cap)
+            if not unseen.all():
+                challenger = _scores(result.bundle, X_test[unseen], y_test[unseen], cap)
+            champion = _scores(old, X_test[unseen], y_test[unseen], cap)
             promote_it = compare(challenger, champion)
             verdict = "beats" if promote_it else "does not beat"
-            reason = (f"{verdict} champion v{current.version} on this test window: PR-AUC {challenger['pr_auc']:.4f} "
+            where = ("this test window" if unseen.all() else
+                     f"the {int(unseen.sum())} of {len(unseen)} test events after the champion's fitted data ({until})")
+            reason = (f"{verdict} champion v{current.version} on {where}: PR-AUC {challenger['pr_auc']:.4f} "
                       f"vs {champion['pr_auc']:.4f}, precision@{cap:.0%} {challenger['precision']:.4f} vs "
                       f"{champion['precision']:.4f}")
     decision = "promoted" if promote_it else "challenger"
