@@ -385,3 +385,18 @@ def test_champion_is_compared_only_where_it_is_comparable(first, customs_dir, tm
     assert client().get_model_version_by_alias(NAME, "champion").version == champion
     assert first.bundle.fitted_until == max(first.split.ranges[w][1]
                                             for w in ("train", "validation", "calibration")).isoformat()
+
+
+def test_capacity_and_target_precision_are_shares(first, customs_dir):
+    """A capacity or target precision outside (0, 1] is refused (it made a 99% flag rate or an empty queue);
+    an unreachable target precision is recorded on the run."""
+    for bad in ({"capacity": 2.0}, {"capacity": 0.0}, {"target_precision": 1.5}):
+        with pytest.raises(ValueError, match="capacity|target precision"):
+            replace(CONFIG, **bad)
+    for flag in ("--capacity", "--target-precision"):
+        out = CliRunner().invoke(train_cmd, ["--domain", "customs", "--data", ".", flag, "2"])
+        assert out.exit_code == 2 and flag in out.output
+    run = train("customs", customs_dir, config=replace(CONFIG, target_precision=0.999, register=False))
+    tags = client().get_run(run.run_id).data.tags
+    reached = float(tags["calibration_precision_at_threshold"])
+    assert tags["target_precision_reached"] == str(reached >= 0.999).lower()

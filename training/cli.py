@@ -56,9 +56,10 @@ def _one_line(err: Exception) -> str:
 @click.option("--audit-url", help="Audit store to read outcomes from [default: $RISKSCORE_AUDIT_URL or "
               "<RISKSCORE_HOME>/audit.db].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of everything random.")
-@click.option("--capacity", type=float, default=0.05, show_default=True,
+@click.option("--capacity", type=click.FloatRange(0, 1, min_open=True), default=0.05, show_default=True,
               help="Review capacity: share of events reviewers can inspect (sets the threshold).")
-@click.option("--target-precision", type=float, help="Set the threshold for this precision instead of capacity.")
+@click.option("--target-precision", type=click.FloatRange(0, 1, min_open=True),
+              help="Set the threshold for this precision instead of capacity.")
 @click.option("--label-delay-days", type=click.FloatRange(min=0),
               help="Days until an outcome is known (default: domain default).")
 @click.option("--search-trials", type=int, default=0, show_default=True,
@@ -138,7 +139,8 @@ def promote_cmd(domain: str, version: str, reason: str, by: str | None) -> None:
 @click.option("--alias", default="champion", show_default=True, help="Registered alias when --version is not given.")
 @history_options
 @click.option("--cases", "cases_path", type=EXISTING, help="Extra reviewer outcomes (cases table).")
-@click.option("--capacity", type=float, default=0.05, show_default=True, help="Review capacity for the metrics.")
+@click.option("--capacity", type=click.FloatRange(0, 1, min_open=True), default=0.05, show_default=True,
+              help="Review capacity for the metrics.")
 def evaluate_cmd(domain: str, data: Path, version: str | None, alias: str, history: tuple[Path, ...], no_history: bool,
                  cases_path: Path | None, capacity: float) -> None:
     """Metrics of a registered model on a labelled file: PR-AUC, ROC-AUC, precision/recall in the top 1/2/5/10%."""

@@ -83,6 +83,12 @@ class TrainConfig:
     feature_dtype: str = "float64"
     baseline_max_rows: int = 1_000_000  # logistic regression fitted on a seeded sample of at most this many rows
 
+    def __post_init__(self) -> None:
+        if not 0 < self.capacity <= 1:
+            raise ValueError(f"capacity is a share of the events: 0 < capacity <= 1 (got {self.capacity})")
+        if self.target_precision is not None and not 0 < self.target_precision <= 1:
+            raise ValueError(f"target precision must be in (0, 1] (got {self.target_precision})")
+
     def lgbm_config(self) -> LGBMConfig:
         return replace(self.lgbm, seed=self.seed, num_threads=self.num_threads)
 
@@ -388,6 +394,10 @@ def _finish_model(
     scores = {w: calibrator(m) for w, m in margins.items()}
     if config.target_precision is not None:
         threshold = threshold_for_precision(y_cal, scores["calibration"], config.target_precision)
+        reached = float(np.mean(y_cal[scores["calibration"] >= threshold]))
+        if reached < config.target_precision and name == "full":
+            log.warning("no threshold reaches precision %.3f on the calibration window (%.3f at the highest "
+                        "score); the threshold is that highest score", config.target_precision, reached)
     else:
         threshold = threshold_for_capacity(scores["calibration"], config.capacity)
     metrics = _window_metrics(name, data, fs, split, scores, margins, threshold, config)

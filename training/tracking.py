@@ -113,6 +113,12 @@ def run_tags(result: TrainResult) -> dict[str, str]:
         "cases_reviewer": str(int((result.data.cases.get("source") == "reviewer").sum())
                               if "source" in result.data.cases else 0),
     }
+    if (target := result.config.target_precision) is not None:  # was it reached on the calibration window?
+        _, y_cal = result.window("calibration")
+        full = result.models["full"]
+        reached = float(np.mean(y_cal[full.scores["calibration"] >= full.threshold]))
+        tags["calibration_precision_at_threshold"] = f"{reached:.6f}"
+        tags["target_precision_reached"] = str(reached >= target).lower()
     for window, (first, last) in result.split.ranges.items():
         tags[f"rows_{window}"] = str(len(result.split[window]))
         tags[f"window_{window}"] = f"{first.isoformat()} .. {last.isoformat()}"
