@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import click
 import pandas as pd
 
 from training.cli import history_for, history_options
+from training.drift import MIN_ITEMS as MIN_DRIFT_ITEMS
 
 DOMAIN = click.option("--domain", type=click.Choice(["customs", "finance"]), required=True, help="Which model family.")
 
@@ -69,7 +71,9 @@ def _score_frame(domain: str, in_path: str, top_n: int, history: tuple[Path, ...
     bundle, info = load_champion(domain)
     hf = features_over_history(bundle, domain, in_path, history=history_for(bundle, history, no_history))
     explanations = []
-    with click.progressbar(range(0, len(hf.features), 5000), label="scoring") as chunks:
+    if not len(hf.events):
+        raise click.ClickException(f"no events in {in_path}")
+    with click.progressbar(range(0, len(hf.features), 5000), label="scoring", file=sys.stderr) as chunks:
         for start in chunks:
             explanations += bundle.explain(hf.features.iloc[start:start + 5000], top_n=top_n)
     return bundle, info, hf, explanations
@@ -115,8 +119,11 @@ def score_cmd(domain: str, in_path: str, out_file: str, top_n: int, history: tup
               help="Without --data: how many of the latest audited scores to compare.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--fail-on-retrain", is_flag=True, help="Exit with status 3 when retraining is due (for cron/CI).")
+@click.option("--min-items", type=click.IntRange(1), default=MIN_DRIFT_ITEMS, show_default=True,
+              help="Fewer recent items than this give no verdict (status 'insufficient'): PSI of a few dozen "
+                   "rows is mostly noise.")
 @history_options
-def drift_cmd(domain: str, in_path: str | None, window: int, as_json: bool, fail_on_retrain: bool,
+def drift_cmd(domain: str, in_path: str | None, window: int, as_json: bool, fail_on_retrain: bool, min_items: int,
               history: tuple[Path, ...], no_history: bool) -> None:
     """PSI of each feature and of the score against the champion's reference (its calibration window)."""
     from training.drift import drift_report, drift_summary
@@ -146,7 +153,7 @@ def drift_cmd(domain: str, in_path: str | None, window: int, as_json: bool, fail
     if not (bundle.reference or {}).get("features"):
         raise click.ClickException(f"the {domain} champion has no drift reference: retrain it with this version")
     report = drift_report(bundle.reference, feats, scores)
-    summary = drift_summary(report)
+    summary = drift_summary(report, items=len(scores), min_items=min_items)
     if as_json:
         click.echo(json.dumps({"domain": domain, "source": source, "items": len(scores), **summary,
                                "report": report.to_dict(orient="records")}, indent=1))
@@ -158,6 +165,8 @@ def drift_cmd(domain: str, in_path: str | None, window: int, as_json: bool, fail
         if learned and (report["name"].isin(learned) & (report["status"] != "ok")).any():
             click.echo(f"(learned outcome rates, at most `watch`: {', '.join(learned)}; their values move as outcomes "
                        "accrue)")
-        click.echo({"retrain": "retraining is due", "watch": "drift to watch", "ok": "no drift"}[summary["status"]])
+        click.echo({"retrain": "retraining is due", "watch": "drift to watch", "ok": "no drift",
+                    "insufficient": f"too few items for a verdict ({len(scores):,} < {min_items:,}, --min-items)"}[
+                       summary["status"]])
     if fail_on_retrain and summary["retrain_due"]:
         raise SystemExit(3)

@@ -424,7 +424,7 @@ class RiskScore:
                     m["score_psi"].labels(domain).set(value)
                 else:
                     m["feature_psi"].labels(domain, name).set(value)
-            summary = drift_summary(report)
+            summary = drift_summary(report, items=len(scores))
             m["drift_retrain"].labels(domain).set(float(summary["retrain_due"]))
             out[domain] = summary
         return out

@@ -3,6 +3,7 @@ one-line errors with a non-zero exit code."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,7 +69,15 @@ def test_generate_features_train_score_evaluate(env: dict[str, str]) -> None:
         assert metric in evaluated.stdout, evaluated.stdout
 
     drift = run(env, "drift", "--domain", "customs", "--data", str(root / "new.csv"))
-    assert "psi" in drift.stdout.lower()
+    assert "psi" in drift.stdout.lower() and "too few items" not in drift.stdout
+    as_json = run(env, "drift", "--domain", "customs", "--data", str(root / "new.csv"), "--json", "--min-items", "500")
+    report = json.loads(as_json.stdout)  # the progress bar goes to stderr: stdout is the JSON alone
+    assert report["items"] == 200 and report["status"] == "insufficient" and not report["retrain_due"]
+
+    late.iloc[:0].to_csv(root / "empty.csv", index=False)
+    empty = run(env, "score", "--domain", "customs", "--in", str(root / "empty.csv"), "--out", str(root / "e.csv"),
+                ok=False)
+    assert empty.returncode == 1 and "no events in" in empty.stderr and not (root / "e.csv").exists()
 
 
 def test_errors_are_one_line_with_nonzero_exit(env: dict[str, str]) -> None:

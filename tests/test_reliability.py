@@ -210,6 +210,13 @@ def test_drift_report_flags_shift_and_not_noise():
     shifted = pd.DataFrame({"amount": rng.lognormal(7, 1, 2000), "channel": rng.choice(["c", "d"], 2000)})
     bad = drift_summary(drift_report(ref, shifted, rng.beta(5, 5, 2000)))
     assert bad["retrain_due"] and {w["name"] for w in bad["worst"][:3]} == {"amount", "channel", "score"}
+    # a few dozen items of the reference population itself leave bins empty and read as drifted: no verdict
+    few = train.iloc[:12]
+    noisy = drift_report(ref, few, rng.beta(1, 20, 12))
+    assert noisy["psi"].max() >= 0.25  # what a verdict on 12 rows would have called "retrain"
+    summary = drift_summary(noisy, items=12)
+    assert summary["status"] == "insufficient" and not summary["retrain_due"]
+    assert drift_summary(drift_report(ref, shifted, rng.beta(5, 5, 2000)), items=2000)["retrain_due"]
 
 
 def test_learned_rates_drift_up_to_watch_only():
@@ -262,7 +269,8 @@ def test_drift_reference_gauges_and_cli(server: Server):
     assert _metric(text, "riskscore_drift_retrain_due", domain="customs") in (0.0, 1.0)
     assert cli.exit_code == 0, cli.output
     out = json.loads(cli.output)
-    assert out["items"] == len(scores) and out["status"] in ("ok", "watch", "retrain")
+    assert out["items"] == len(scores) and out["status"] in ("ok", "watch", "retrain", "insufficient")
+    assert out["status"] == "insufficient" and not out["retrain_due"]  # 40 items < --min-items 200
     assert out["retrain_due"] == (_metric(text, "riskscore_drift_retrain_due", domain="customs") == 1.0)
     assert exit_on_retrain.exit_code == (3 if out["retrain_due"] else 0)
     assert ("retraining is due" in exit_on_retrain.output) == out["retrain_due"]

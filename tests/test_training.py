@@ -391,7 +391,7 @@ def test_capacity_and_target_precision_are_shares(first, customs_dir):
     """A capacity or target precision outside (0, 1] is refused (it made a 99% flag rate or an empty queue);
     an unreachable target precision is recorded on the run."""
     for bad in ({"capacity": 2.0}, {"capacity": 0.0}, {"target_precision": 1.5}):
-        with pytest.raises(ValueError, match="capacity|target precision"):
+        with pytest.raises(ValueError, match=r"capacity|target precision"):
             replace(CONFIG, **bad)
     for flag in ("--capacity", "--target-precision"):
         out = CliRunner().invoke(train_cmd, ["--domain", "customs", "--data", ".", flag, "2"])

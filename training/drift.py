@@ -8,6 +8,7 @@ import pandas as pd
 BINS = 10
 PSI_WATCH = 0.1
 PSI_RETRAIN = 0.25
+MIN_ITEMS = 200  # below this many recent items PSI is mostly sampling noise (empty bins): no drift verdict
 _EPS = 1e-4
 
 
@@ -87,10 +88,16 @@ def drift_report(profile: dict, features: pd.DataFrame, scores: np.ndarray) -> p
     return report.sort_values("psi", ascending=False, ignore_index=True)
 
 
-def drift_summary(report: pd.DataFrame, top: int = 5) -> dict:
-    """Worst status, whether retraining is due (the score or any feature at ``retrain``) and the worst names."""
+def drift_summary(report: pd.DataFrame, top: int = 5, items: int | None = None, min_items: int = MIN_ITEMS) -> dict:
+    """Worst status, whether retraining is due (the score or any feature at ``retrain``) and the worst names.
+
+    With fewer than ``min_items`` recent ``items`` the status is ``insufficient`` and retraining is never due: a
+    few dozen rows leave most bins empty, and a sample of the reference window itself reads as drifted.
+    """
     status = report["status"].tolist()
     worst = "retrain" if "retrain" in status else "watch" if "watch" in status else "ok"
+    if items is not None and items < min_items:
+        worst = "insufficient"
     score = report.loc[report["name"] == "score", "psi"]
     return {
         "status": worst,
