@@ -262,6 +262,9 @@ def test_evaluate_command_prints_metrics(first, customs_dir):
     assert out.exit_code == 0, out.output
     for text in ("PR-AUC", "ROC-AUC", "1%", "2%", "5%", "10%", "revenue", "by typology: ", "undervaluation"):
         assert text in out.output
+    # the model's own training data: the output says how much of it is in-sample
+    fitted = sum(len(first.split[w]) for w in ("train", "validation", "calibration"))
+    assert f"warning: {fitted:,} of {len(first.split['test']) + fitted:,} labelled events" in out.output, out.output
 
 
 # ---------------------------------------------------------------------------------------------- guards, other inputs

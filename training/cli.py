@@ -146,12 +146,14 @@ def evaluate_cmd(domain: str, data: Path, version: str | None, alias: str, histo
     """Metrics of a registered model on a labelled file: PR-AUC, ROC-AUC, precision/recall in the top 1/2/5/10%."""
     from training.metrics import TOP_FRACTIONS, pct_label
     from training.pipeline import evaluate_bundle
-    from training.registry import load_model
+    from training.registry import fitted_until, load_model
 
     try:
         bundle, mv = load_model(domain, version=version, alias=None if version else alias)
         looked_back = history_for(bundle, history, no_history)
-        m = evaluate_bundle(bundle, domain, data, history=looked_back, cases_path=cases_path, capacity=capacity)
+        until = fitted_until(bundle, mv)
+        m = evaluate_bundle(bundle, domain, data, history=looked_back, cases_path=cases_path, capacity=capacity,
+                            fitted_until=until)
     except click.ClickException:
         raise
     except Exception as err:
@@ -159,6 +161,9 @@ def evaluate_cmd(domain: str, data: Path, version: str | None, alias: str, histo
     click.echo(f"{mv.name} v{mv.version} on {data.name}: {int(m['rows'])} labelled events, "
                f"{int(m['positives'])} positives")
     click.echo(f"  history: {history_label(looked_back)} ({m['history_events']:,} earlier events)")
+    if m.get("in_sample"):
+        click.echo(f"  warning: {int(m['in_sample']):,} of {int(m['rows']):,} labelled events are not later than the "
+                   f"data this model was fitted on (up to {until}): the metrics below are partly in-sample")
     click.echo(f"  PR-AUC  {m['pr_auc']:.4f}\n  ROC-AUC {m['roc_auc']:.4f}\n  Brier   {m['brier']:.4f}")
     fractions = sorted({*TOP_FRACTIONS, capacity})
     revenue = all(f"revenue_share_at_{pct_label(f)}pct" in m for f in fractions)  # where the data has revenue

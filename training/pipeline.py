@@ -593,10 +593,11 @@ def features_over_history(
 
 def evaluate_bundle(
     bundle: ModelBundle, domain: str, data_path: str | Path, *, history: Sequence[str | Path] = (),
-    cases_path: str | Path | None = None, capacity: float = 0.05,
+    cases_path: str | Path | None = None, capacity: float = 0.05, fitted_until: pd.Timestamp | None = None,
 ) -> dict[str, float]:
     """Metrics of a bundle on the labelled events of ``data_path``, features as :func:`features_over_history`
-    (``history_events`` in the result: how many history events they looked back on)."""
+    (``history_events`` in the result: how many history events they looked back on; ``in_sample``: how many of
+    the labelled events are not later than ``fitted_until``, the end of the data the model was fitted on)."""
     hf = features_over_history(bundle, domain, data_path, history=history, cases_path=cases_path)
     y_all = _labels(hf.events, hf.fs).to_numpy(float)
     pos = np.flatnonzero(~np.isnan(y_all))
@@ -611,4 +612,6 @@ def evaluate_bundle(
     )
     metrics.update(account_metrics(ev, scores, hf.accounts, capacity))
     metrics["history_events"] = hf.history_events
+    if fitted_until is not None:
+        metrics["in_sample"] = int((pd.to_datetime(ev[hf.fs.time_col]) <= fitted_until).sum())
     return metrics
