@@ -127,7 +127,7 @@ def _bucketed(part: pd.DataFrame, key: str, columns: list[str]) -> pd.DataFrame:
     out = part[columns].copy()
     values = part[key]
     if pd.api.types.is_float_dtype(values.dtype):  # encoded ids
-        out[KEY] = np.nan_to_num(values.to_numpy(np.float64), nan=-1.0)
+        out[KEY] = np.nan_to_num(values.to_numpy(np.float64), nan=-1.0) + 0.0  # -0.0 -> 0.0: one key, one bucket
     else:
         out[KEY] = values.to_numpy(dtype=object, na_value="").astype(str).astype(object)
     return out

@@ -45,6 +45,7 @@ AMLSIM_NODES = {
     "account_id": ("nodeid", "acct_id", "account_id", "accountid"),
     "is_fraud": ("isfraud", "is_fraud", "is_sar", "issar"),
     "init_balance": ("init_balance", "initial_deposit", "init_amount"),
+    "fraud_step": ("fraudstep", "fraud_step"),
 }
 
 EVENTS = {
@@ -73,13 +74,26 @@ class FinanceData:
 # ---------------------------------------------------------------------------------------------- reading
 
 
+def _csv(path: Path, **options) -> pd.DataFrame:
+    """``pd.read_csv`` whose failures (empty file, not UTF-8, broken quoting) name the file."""
+    try:
+        return pd.read_csv(path, **options)
+    except pd.errors.EmptyDataError:
+        raise DataValidationError(str(path), ["the file is empty (not even a header line)"]) from None
+    except UnicodeDecodeError as err:
+        raise DataValidationError(str(path), [f"not UTF-8 text ({err.reason} at byte {err.start}); "
+                                              "save it as UTF-8"]) from None
+    except pd.errors.ParserError as err:
+        raise DataValidationError(str(path), [f"not a readable CSV: {str(err).strip()}"]) from None
+
+
 def _header(path: Path) -> list[str]:
-    return [str(c) for c in pd.read_csv(path, nrows=0).columns]
+    return [str(c) for c in _csv(path, nrows=0).columns]
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
     # keep_default_na=False: "NA" is Namibia, not missing; empty fields are handled by the parser.
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    return _csv(path, dtype=str, keep_default_na=False)
 
 
 def _table_file(directory: Path, name: str) -> Path | None:
@@ -140,6 +154,8 @@ def _lossless(s: pd.Series, kind: str) -> pd.Series:
     if kind == "str" and (integer or (types.is_string_dtype(dtype)
                                       and types.infer_dtype(s, skipna=True) in ("string", "empty"))):
         return s.astype("string")
+    if kind == "datetime" and types.is_object_dtype(dtype) and types.infer_dtype(s, skipna=True) == "date":
+        return pd.to_datetime(s).astype("datetime64[ns]")  # Parquet date32 (Spark, polars): plain dates
     if kind == "datetime" and types.is_datetime64_any_dtype(dtype):
         if getattr(s.dt, "tz", None) is not None:
             s = s.dt.tz_convert("UTC").dt.tz_localize(None)
@@ -183,11 +199,12 @@ def _sort_events(df: pd.DataFrame, time_col: str, id_col: str) -> pd.DataFrame:
 
 
 def _public_customs_files(path: Path) -> list[Path]:
+    """A public customs CSV (by its ``HS6 Code`` column), or every ``df_syn_*_eng.csv`` of a directory (by name:
+    :func:`read_public_customs` then names a file that lacks columns instead of leaving it out)."""
     if path.is_file() and path.suffix == ".csv":
         return [path] if "HS6 Code" in _header(path) else []
     if path.is_dir():
-        files = sorted(path.glob("df_syn_*_eng.csv"))
-        return [f for f in files if "HS6 Code" in _header(f)]
+        return sorted(path.glob("df_syn_*_eng.csv"))
     return []
 
 
@@ -234,7 +251,12 @@ def _amlsim_files(path: Path) -> tuple[Path, Path] | None:
 
 
 def read_amlsim(nodes_path: Path, tx_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """AMLSim nodes/accounts + transactions on the ``transactions`` and ``accounts`` contracts."""
+    """AMLSim nodes/accounts + transactions on the ``transactions`` and ``accounts`` contracts.
+
+    Without a label column, a transfer is laundering when both accounts are marked fraudulent and, when the nodes
+    carry AMLSim's ``fraudStep``, it happens at its sender's fraud step (the pattern's transfers; fraudulent
+    accounts also make ordinary transfers, before and after, which must not count as laundering nor open cases).
+    """
     nodes = _read_csv(nodes_path)
     n_cols = {k: _pick(list(nodes.columns), v) for k, v in AMLSIM_NODES.items()}
     acc = pd.DataFrame({"account_id": nodes[n_cols["account_id"]], "country": "US"})
@@ -270,6 +292,12 @@ def read_amlsim(nodes_path: Path, tx_path: Path) -> tuple[pd.DataFrame, pd.DataF
         if "is_fraud" in accounts:
             bad = set(accounts.loc[accounts["is_fraud"] == 1, "account_id"])
             both = tx["source_account"].isin(bad) & tx["target_account"].isin(bad)
+            if n_cols["fraud_step"] and numeric:  # the pattern's transfers: at the sender's fraudStep only
+                fraud_step = pd.to_numeric(nodes[n_cols["fraud_step"]].str.strip(), errors="coerce")
+                step_of = dict(zip(nodes[n_cols["account_id"]].str.strip(), fraud_step.where(fraud_step >= 0),
+                                   strict=True))
+                step = (tx["timestamp"] - AMLSIM_EPOCH) / pd.Timedelta(days=1)
+                both &= step.to_numpy() == tx["source_account"].map(step_of).to_numpy(float)
             tx["is_laundering"] = both.astype("Int8")
     return tx, accounts
 

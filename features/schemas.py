@@ -146,6 +146,34 @@ def _rows(mask: np.ndarray | pd.Series, limit: int = 5) -> str:
     return f"row {shown}" + (f" and {len(idx) - limit} more" if len(idx) > limit else "")
 
 
+_ISO_DAY = r"\d{4}-\d{2}-\d{2}"
+_ISO_CLOCK = r"[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?"
+_OFFSET = r"(?:Z|[+-]\d{2}(?::?\d{2})?)"
+
+
+def _parse_times(raw: pd.Series, empty: pd.Series, col: Column, problems: list[str]) -> pd.Series:
+    """ISO 8601 dates and times (naive = UTC, offsets converted to UTC). Other forms are refused rather than
+    guessed: ``05/03/2020`` is 5 March or 3 May depending on the file's country."""
+    text = raw.mask(empty, None)
+    iso = text.str.fullmatch(f"{_ISO_DAY}(?:{_ISO_CLOCK}{_OFFSET}?)?").fillna(True).astype(bool)
+    if not iso.all():
+        problems.append(f"{_rows(~iso)}, column '{col.name}': unparsable date {text[~iso].iloc[0]!r} "
+                        "(use ISO 8601: 2020-03-05 or 2020-03-05T14:30:00, optionally with a UTC offset)")
+        return pd.Series(pd.NaT, index=raw.index, dtype="datetime64[ns]")
+    aware = text.str.fullmatch(f"{_ISO_DAY}{_ISO_CLOCK}{_OFFSET}").fillna(False).astype(bool)
+    if aware.any() and not (aware | empty).all():
+        problems.append(f"{_rows(~aware & ~empty)}, column '{col.name}': time without a UTC offset among times "
+                        f"with one ({text[~aware & ~empty].iloc[0]!r}); give every time an offset, or none")
+        return pd.Series(pd.NaT, index=raw.index, dtype="datetime64[ns]")
+    parsed = pd.to_datetime(text, errors="coerce", format="ISO8601", utc=bool(aware.any()))
+    bad = parsed.isna() & ~empty
+    if bad.any():
+        problems.append(f"{_rows(bad)}, column '{col.name}': unparsable date {raw[bad].iloc[0]!r}")
+    if getattr(parsed.dt, "tz", None) is not None:
+        parsed = parsed.dt.tz_convert("UTC").dt.tz_localize(None)
+    return parsed.astype("datetime64[ns]")
+
+
 def _parse(series: pd.Series, col: Column, problems: list[str]) -> pd.Series:
     raw = series.astype("string").str.strip()
     empty = raw.isna() | (raw == "")
@@ -154,20 +182,13 @@ def _parse(series: pd.Series, col: Column, problems: list[str]) -> pd.Series:
     if col.kind == "str":
         return raw.mask(empty, pd.NA)
     if col.kind == "datetime":
-        parsed = pd.to_datetime(raw.mask(empty, None), errors="coerce", format="mixed")
-        bad = parsed.isna() & ~empty
-        if bad.any():
-            sample = raw[bad].iloc[0]
-            problems.append(f"{_rows(bad)}, column '{col.name}': unparsable date {sample!r}")
-        if getattr(parsed.dt, "tz", None) is not None:
-            parsed = parsed.dt.tz_convert("UTC").dt.tz_localize(None)
-        return parsed.astype("datetime64[ns]")
+        return _parse_times(raw, empty, col, problems)
     parsed = pd.to_numeric(raw.mask(empty, None), errors="coerce")
     bad = parsed.isna() & ~empty
     if bad.any():
         problems.append(f"{_rows(bad)}, column '{col.name}': not a number ({raw[bad].iloc[0]!r})")
     if col.kind == "float":
-        parsed = parsed.astype("float64")
+        parsed = parsed.astype("float64") + 0.0  # "-0" is 0 (one value for keys and hashes)
         inf = np.isinf(parsed.to_numpy())
         if inf.any():
             problems.append(f"{_rows(inf)}, column '{col.name}': infinite value")

@@ -97,6 +97,18 @@ def test_time_parts_cut_the_history(finance, monkeypatch):
     assert len(calls) == 3 and all(n > 0 for n in calls) and sum(calls) == len(got) == 1500
 
 
+def test_negative_zero_keys_land_in_one_bucket(customs):
+    """0.0 and -0.0 are one key for pandas' grouping; the Dask shuffle must bucket them together too."""
+    data, events = customs
+    events = events.copy()
+    events.loc[events.index[:150:2], "item_price"] = 0.0
+    events.loc[events.index[1:150:2], "item_price"] = -0.0
+    fs = feature_set("customs")
+    with dask.config.set(scheduler="sync"):
+        got = dask_engine.build(fs, events, data.cases, partitions=3, buckets=4)
+    pd.testing.assert_frame_equal(got, fs.build(events, data.cases), check_dtype=False)
+
+
 def test_best_iteration_sums_tree_ranges(finance):
     """Tree-range predictions add up to the full margin (how the best iteration is chosen on the client)."""
     import lightgbm as lgb

@@ -121,10 +121,24 @@ def test_amlsim_loader(finance: FinanceData) -> None:
     assert tx["timestamp"].is_monotonic_increasing
     fraud = set(nodes.loc[nodes["isFraud"] == "1", "nodeid"])
     both = raw["sourceNodeId"].isin(fraud) & raw["targetNodeId"].isin(fraud)
-    assert (by_id["is_laundering"].to_numpy() == both.to_numpy().astype(int)).all()
-    assert int(tx["is_laundering"].sum()) == both.sum() > 0
+    # laundering = the pattern's transfers: between fraud accounts at the sender's fraudStep (fraud accounts
+    # also make ordinary transfers; labelling those would open cases before the fraud happened)
+    at_step = raw["time"].astype(int) == raw["sourceNodeId"].map(nodes.set_index("nodeid")["fraudStep"].astype(int))
+    expected = both & at_step
+    assert (by_id["is_laundering"].to_numpy() == expected.to_numpy().astype(int)).all()
+    assert 0 < int(tx["is_laundering"].sum()) == expected.sum() < both.sum()
     assert int(acc["is_fraud"].sum()) == len(fraud)
     assert np.allclose(acc["init_balance"], nodes["init_balance"].astype(float))
+
+
+def test_amlsim_without_fraud_step_labels_transfers_between_fraud_accounts(tmp_path: Path) -> None:
+    nodes, raw = _raw(AMLSIM_DIR / "nodes.csv"), _raw(AMLSIM_DIR / "transactions.csv")
+    nodes.drop(columns="fraudStep").to_csv(tmp_path / "nodes.csv", index=False)
+    raw.to_csv(tmp_path / "transactions.csv", index=False)
+    tx = load_dataset("finance", tmp_path).transactions
+    fraud = set(nodes.loc[nodes["isFraud"] == "1", "nodeid"])
+    both = raw["sourceNodeId"].isin(fraud) & raw["targetNodeId"].isin(fraud)
+    assert int(tx["is_laundering"].sum()) == both.sum()
 
 
 def test_amlsim_derived_cases(finance: FinanceData) -> None:
@@ -304,6 +318,11 @@ def test_shared_public_files(tmp_path: Path) -> None:
     fin = load_dataset("finance", amlsim)
     assert len(fin.transactions) == 118_250 and len(fin.accounts) == 20_000
     assert int(fin.accounts["is_fraud"].sum()) == 954
+    assert int(fin.transactions["is_laundering"].sum()) == 1_824  # the 200 fan-in patterns' transfers
+    steps = pd.read_csv(amlsim / "nodes.csv", dtype=str).set_index("nodeid")["fraudStep"].astype(int)
+    bad = fin.transactions[fin.transactions["is_laundering"] == 1]
+    sender_step = pd.Timestamp("2020-01-01") + pd.to_timedelta(bad["source_account"].map(steps), unit="D")
+    assert (bad["timestamp"].to_numpy() == sender_step.to_numpy()).all()  # no case opens on an ordinary transfer
 
 
 def test_header_only_and_unlabelled_csv_load(finance_csv) -> None:
@@ -314,3 +333,40 @@ def test_header_only_and_unlabelled_csv_load(finance_csv) -> None:
     tx.assign(is_laundering="").to_csv(folder / "transactions.csv", index=False)
     loaded = load_dataset("finance", folder).transactions
     assert len(loaded) == len(tx) and loaded["is_laundering"].isna().all()
+
+
+def test_file_problems_name_the_file(tmp_path: Path) -> None:
+    """Dates are ISO 8601 (never guessed day/month), offsets are converted or refused when mixed with naive times,
+    unreadable files are one error naming the file, a malformed public file is named instead of skipped, and a
+    Parquet date32 column loads."""
+    raw = _raw(CUSTOMS_CSV)
+    folder = tmp_path / "public"
+    folder.mkdir()
+    cases = {
+        "day_first": raw.assign(Date=["13/01/2020", *raw["Date"].iloc[1:]]),
+        "mixed_offsets": raw.assign(Date=["2020-01-01T10:00:00+01:00", *raw["Date"].iloc[1:]]),
+    }
+    for name, frame in cases.items():
+        frame.to_csv(folder / "df_syn_x_eng.csv", index=False)
+        with pytest.raises(DataValidationError, match="column 'date'") as err:
+            load_dataset("customs", folder / "df_syn_x_eng.csv")
+        assert "df_syn_x_eng.csv" in str(err.value), name
+    (folder / "df_syn_x_eng.csv").unlink()
+    raw.iloc[:200].to_csv(folder / "df_syn_train_eng.csv", index=False)
+    raw.iloc[200:].rename(columns={"HS6 Code": "HS6"}).to_csv(folder / "df_syn_valid_eng.csv", index=False)
+    with pytest.raises(DataValidationError, match=r"df_syn_valid_eng\.csv"):
+        load_dataset("customs", folder)
+    (folder / "df_syn_valid_eng.csv").write_text("")
+    with pytest.raises(DataValidationError, match=r"df_syn_valid_eng\.csv: the file is empty"):
+        load_dataset("customs", folder)
+    (folder / "df_syn_valid_eng.csv").write_bytes("Declaration ID,Date\n1,2020-01-01 수입\n".encode("cp949"))
+    with pytest.raises(DataValidationError, match="not UTF-8"):
+        load_dataset("customs", folder)
+    events = load_dataset("customs", CUSTOMS_CSV).declarations
+    dated = events.assign(date=events["date"].dt.date)  # object column of datetime.date, as Parquet date32 reads
+    dated.to_parquet(tmp_path / "dated.parquet")
+    assert load_dataset("customs", tmp_path / "dated.parquet").declarations["date"].equals(events["date"])
+    offsets = raw.assign(Date=[f"{d}T23:30:00-02:00" for d in raw["Date"]])
+    offsets.to_csv(tmp_path / "df_syn_z_eng.csv", index=False)
+    shifted = load_dataset("customs", tmp_path / "df_syn_z_eng.csv").declarations["date"]
+    assert (shifted.dt.hour == 1).all()  # 23:30 at UTC-2 is 01:30 UTC the next day
