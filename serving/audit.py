@@ -183,35 +183,55 @@ class SeqCursor:
     seq 10 can commit after one that took seq 11, and a rolled-back insert leaves a hole for good. So the cursor
     keeps the highest seq it has applied (``top``) and the holes below it (``gaps``, seq -> when first missed)
     and reads both next time (:meth:`where`); a hole still empty after :data:`GAP_WAIT_S` is given up. Readers
-    read every domain's rows (a domain's seqs are not contiguous) and mark them all; writers mark the rows they
-    wrote (:meth:`AuditStore.record_scores` returns their seqs). Thread-safe.
+    read every domain's rows (a domain's seqs are not contiguous) and mark them all (:meth:`mark`).
+
+    A writer's own rows (:meth:`written`) are applied already but must not move ``top`` past rows of other
+    processes it has not read: they wait in ``skip`` (left out of reads) until everything below them is read.
+    When reads keep missing the rows below one of them for :data:`GAP_WAIT_S` (counted from the first read
+    after it was written), those rows are given up like any hole. Thread-safe.
     """
 
     def __init__(self, clock=time.monotonic, start: int = 0):
         self.top = start  # rows up to ``start`` count as applied (a reader that only wants what comes next)
         self.gaps: dict[int, float] = {}
+        self.skip: dict[int, float | None] = {}  # own rows above top -> when a read first looked below them
         self.clock = clock
         self._lock = threading.Lock()
 
     def behind(self, head: int) -> bool:
         """Whether rows may be unread, given the table's highest seq ``head``."""
-        return head > self.top or bool(self.gaps)
+        with self._lock:  # own rows in ``skip`` always sit above an unread seq (:meth:`_advance`)
+            return head > self.top or bool(self.gaps) or bool(self.skip)
 
     def where(self, column: sa.ColumnElement) -> list[sa.ColumnElement]:
-        """Rows not applied yet, as one condition per query: above the top, and (if any) in a hole. Two queries,
-        not one ``OR``: with the ``OR`` SQLite scanned the whole table instead of two primary-key lookups."""
+        """Rows not applied yet, as one condition per query: above the top (not our own), and (if any) in a hole.
+        Two queries, not one ``OR``: with the ``OR`` SQLite scanned the whole table instead of two primary-key
+        lookups."""
         with self._lock:
-            top, gaps = self.top, sorted(self.gaps)
-        return [column > top, column.in_(gaps)] if gaps else [column > top]
+            top, gaps, skip = self.top, sorted(self.gaps), sorted(self.skip)
+        above = sa.and_(column > top, column.not_in(skip)) if skip else column > top
+        return [above, column.in_(gaps)] if gaps else [above]
 
     def where_sql(self, column: str) -> list[str]:
         """:meth:`where` as SQL text for a driver cursor (the seqs are ints, written in as literals)."""
         with self._lock:
             top, gaps = int(self.top), sorted(int(g) for g in self.gaps)
-        return [f"{column} > {top}", f"{column} IN ({','.join(map(str, gaps))})"] if gaps else [f"{column} > {top}"]
+            skip = sorted(int(s) for s in self.skip)
+        above = f"{column} > {top}" + (f" AND {column} NOT IN ({','.join(map(str, skip))})" if skip else "")
+        return [above, f"{column} IN ({','.join(map(str, gaps))})"] if gaps else [above]
+
+    def written(self, seqs: list[int]) -> None:
+        """This process wrote rows ``seqs`` (applied already): never read them back, never skip what is below."""
+        with self._lock:
+            for seq in seqs:
+                if seq > self.top:
+                    self.skip.setdefault(seq, None)
+                else:
+                    self.gaps.pop(seq, None)
+            self._advance()
 
     def mark(self, seqs: list[int]) -> None:
-        """Record rows as applied (any order); holes below a new top are remembered, old ones expire."""
+        """Record rows read and applied (any order); holes below a new top are remembered, old ones expire."""
         with self._lock:
             self._mark(seqs)
 
@@ -220,13 +240,29 @@ class SeqCursor:
         for seq in sorted(seqs):
             if seq > self.top:
                 for hole in range(max(self.top + 1, seq - GAP_WINDOW), seq):
-                    self.gaps[hole] = now
+                    if hole not in self.skip:
+                        self.gaps[hole] = now
                 self.top = seq
             else:
                 self.gaps.pop(seq, None)
+        self.skip = {s: t for s, t in self.skip.items() if s > self.top}
+        self._advance()
+        for seq, looked in sorted(self.skip.items()):  # rows below our own ones that reads keep missing
+            if looked is None:
+                self.skip[seq] = now
+            elif now - looked >= GAP_WAIT_S:
+                self.top = seq  # given up, like an expired hole
+        self.skip = {s: t for s, t in self.skip.items() if s > self.top}
+        self._advance()
         if self.gaps:
             floor = self.top - GAP_WINDOW
             self.gaps = {s: t for s, t in self.gaps.items() if s > floor and now - t < GAP_WAIT_S}
+
+    def _advance(self) -> None:
+        """Move ``top`` over own rows that directly follow it."""
+        while self.top + 1 in self.skip:
+            self.top += 1
+            del self.skip[self.top]
 
 
 def _epoch(value: dt.datetime | str) -> float:

@@ -46,11 +46,13 @@ def max_body_bytes() -> int:
 class RequestError(Exception):
     """A client error: HTTP status, a short message and field-level details."""
 
-    def __init__(self, status: int, error: str, detail: list[dict[str, str]] | None = None):
+    def __init__(self, status: int, error: str, detail: list[dict[str, str]] | None = None,
+                 retry_after: int | None = None):
         super().__init__(error)
         self.status = status
         self.error = error
         self.detail = detail or []
+        self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"error": self.error}

@@ -201,7 +201,8 @@ class DomainScorer:
         self.seen_ids: set[str] = set()  # event ids in the state: each counts once, whoever scores it again
         self.lock = threading.RLock()
         self.retired = False
-        self.stale = False
+        self.stale = False  # the state may differ from the audit store: refuse requests until rebuilt
+        self.rebuild_started: float | None = None
         self.score_cursor = SeqCursor()  # audit rows already in the state
         self.outcome_cursor = SeqCursor()
         self.on_written = None  # called with the seqs of the score rows this scorer wrote (ScorerRegistry)
@@ -258,7 +259,12 @@ class DomainScorer:
         """
         score_head, outcome_head = audit.heads()
         if self.score_cursor.behind(score_head) or self.outcome_cursor.behind(outcome_head):
-            self.apply_replay(audit.replay(self.domain, self.score_cursor, self.outcome_cursor))
+            replay = audit.replay(self.domain, self.score_cursor, self.outcome_cursor)
+            try:
+                self.apply_replay(replay)
+            except Exception:
+                self.stale = True  # partly applied: rebuild rather than apply parts twice
+                raise
         self.synced_at = time.monotonic()
 
 
@@ -272,51 +278,52 @@ class DomainScorer:
                 return self._replayed(stored, digest)
         if time.monotonic() - self.synced_at >= self.sync_every:
             self.catch_up(audit)
-        rows = [item.model_dump(mode="json") for item in items]
-        ids = [str(row[self.info.id_col]) for row in rows]
-        new = [i not in self.seen_ids for i in ids]
-        feats = feature_columns_in_time_order(self.online, item_columns(self.domain, items),
-                                              None if all(new) else new)
-        self.seen_ids.update(ids)
-        explanations = explain(self.bundle, feats, top_n=top_n())
-        feature_rows = feature_records(feats, self.fs.names)
-        created = utcnow()
-        out_items, audit_rows = [], []
-        for i, (row, expl) in enumerate(zip(rows, explanations, strict=True)):
-            score_id = str(uuid.uuid4())
-            reasons = [jsonable(vars(r)) for r in expl.reasons]
-            shown = {r.feature for r in expl.reasons}
-            other = sum(c for name, c in expl.contributions.items() if name not in shown)
-            out_items.append({
-                "score_id": score_id, "id": row[self.info.id_col], "score": expl.score, "band": expl.band,
-                "flagged": bool(expl.flagged), "threshold": float(self.bundle.threshold), "reasons": reasons,
-                "other_contribution": other, "base_value": expl.base_value, "raw_margin": expl.raw_margin,
-                "model": {"name": self.model_name, "version": self.model_version},
-            })
-            audit_rows.append({
-                "score_id": score_id, "request_id": caller.request_id, "item_index": i, "created_at": created,
-                "domain": self.domain, "event_id": row[self.info.id_col], "caller_key_id": caller.key_id,
-                "agency": caller.agency, "model_name": self.model_name, "model_version": self.model_version,
-                "input_json": row, "features_json": feature_rows[i], "score": expl.score,
-                "band": expl.band, "flagged": bool(expl.flagged), "threshold": float(self.bundle.threshold),
-                "explanation_json": {"base_value": expl.base_value, "raw_margin": expl.raw_margin,
-                                     "reasons": reasons, "contributions": expl.contributions},
-            })
-        response = {"request_id": caller.request_id, "domain": self.domain, "items": out_items}
-        request_row = {"request_id": caller.request_id, "created_at": created, "domain": self.domain,
-                       "caller_key_id": caller.key_id, "agency": caller.agency,
-                       "idempotency_key": caller.idempotency_key, "body_sha256": digest, "items": len(items)}
-        try:
+        try:  # from here the state holds the batch: any failure before the commit leaves it stale
+            rows = [item.model_dump(mode="json") for item in items]
+            ids = [str(row[self.info.id_col]) for row in rows]
+            new = [i not in self.seen_ids for i in ids]
+            feats = feature_columns_in_time_order(self.online, item_columns(self.domain, items),
+                                                  None if all(new) else new)
+            self.seen_ids.update(ids)
+            explanations = explain(self.bundle, feats, top_n=top_n())
+            feature_rows = feature_records(feats, self.fs.names)
+            created = utcnow()
+            out_items, audit_rows = [], []
+            for i, (row, expl) in enumerate(zip(rows, explanations, strict=True)):
+                score_id = str(uuid.uuid4())
+                reasons = [jsonable(vars(r)) for r in expl.reasons]
+                shown = {r.feature for r in expl.reasons}
+                other = sum(c for name, c in expl.contributions.items() if name not in shown)
+                out_items.append({
+                    "score_id": score_id, "id": row[self.info.id_col], "score": expl.score, "band": expl.band,
+                    "flagged": bool(expl.flagged), "threshold": float(self.bundle.threshold), "reasons": reasons,
+                    "other_contribution": other, "base_value": expl.base_value, "raw_margin": expl.raw_margin,
+                    "model": {"name": self.model_name, "version": self.model_version},
+                })
+                audit_rows.append({
+                    "score_id": score_id, "request_id": caller.request_id, "item_index": i, "created_at": created,
+                    "domain": self.domain, "event_id": row[self.info.id_col], "caller_key_id": caller.key_id,
+                    "agency": caller.agency, "model_name": self.model_name, "model_version": self.model_version,
+                    "input_json": row, "features_json": feature_rows[i], "score": expl.score,
+                    "band": expl.band, "flagged": bool(expl.flagged), "threshold": float(self.bundle.threshold),
+                    "explanation_json": {"base_value": expl.base_value, "raw_margin": expl.raw_margin,
+                                         "reasons": reasons, "contributions": expl.contributions},
+                })
+            response = {"request_id": caller.request_id, "domain": self.domain, "items": out_items}
+            request_row = {"request_id": caller.request_id, "created_at": created, "domain": self.domain,
+                           "caller_key_id": caller.key_id, "agency": caller.agency,
+                           "idempotency_key": caller.idempotency_key, "body_sha256": digest, "items": len(items)}
             seqs = audit.record_scores(request_row, audit_rows, response)
         except IdempotencyConflict as conflict:  # pragma: no cover - only with several writers
-            self.stale = True
+            if conflict.stored is None or conflict.stored.body_sha256 != digest:
+                self.stale = True  # same body: the other writer's rows are these events (skipped by id)
             if conflict.stored is not None:
                 return self._replayed(conflict.stored, digest)
             raise
         except Exception:
             self.stale = True  # the state ingested events the audit store does not have: rebuild it
             raise
-        self.score_cursor.mark(seqs)  # in the state already: no catch-up reads them back
+        self.score_cursor.written(seqs)  # in the state already: no catch-up reads them back
         if self.on_written is not None:
             self.on_written(self, seqs)
         return ScoreResult(response)
@@ -331,7 +338,10 @@ class DomainScorer:
                        decided_by: str, agency: str) -> dict:
         """Store a reviewer outcome and feed it to the state as a label and cases (caller holds the lock)."""
         stored = audit.record_outcome(score_row["score_id"], outcome, note, decided_by, agency)
-        self.catch_up(audit)
+        try:
+            self.catch_up(audit)
+        except Exception:  # the outcome is stored (the client must not retry it): the next catch-up applies it
+            log.warning("domain %s: outcome stored, catch-up failed", self.domain, exc_info=True)
         return stored
 
     def status(self) -> dict[str, Any]:
@@ -341,6 +351,7 @@ class DomainScorer:
 
 
 BUSY = object()  # ScorerRegistry.run(blocking=False): the scorer is in use
+REBUILD_RETRY_S = 5  # a stale scorer's failed rebuild is retried by the next request after this many seconds
 
 
 def freeze_heap() -> None:
@@ -379,7 +390,7 @@ class ScorerRegistry:
         """A scorer wrote score rows: the other domains' scorers here have nothing to apply from them."""
         for scorer in self._scorers.values():
             if scorer is not writer:
-                scorer.score_cursor.mark(seqs)
+                scorer.score_cursor.written(seqs)
         if self.on_written is not None:
             self.on_written(seqs)
 
@@ -437,27 +448,45 @@ class ScorerRegistry:
             try:
                 if scorer.retired:
                     continue
+                if scorer.stale:  # its state may count events the audit store lacks: never score from it
+                    self._start_rebuild(domain, scorer)
+                    raise RequestError(503, "the feature state is being rebuilt after an audit store failure; "
+                                            "retry in a few seconds", retry_after=REBUILD_RETRY_S)
                 try:
                     return fn(scorer)
                 finally:
                     if scorer.stale:
-                        threading.Thread(target=self._rebuild_stale, args=(domain,), daemon=True).start()
+                        self._start_rebuild(domain, scorer)
             finally:
                 scorer.lock.release()
         raise RuntimeError(f"domain {domain}: scorer kept changing during the request")
 
-    def _rebuild_stale(self, domain: str) -> None:
+    def _start_rebuild(self, domain: str, scorer: DomainScorer) -> None:
+        """One rebuild of a stale scorer at a time, retried at most every :data:`REBUILD_RETRY_S` (caller holds
+        its lock)."""
+        now = time.monotonic()
+        if scorer.rebuild_started is not None and now - scorer.rebuild_started < REBUILD_RETRY_S:
+            return
+        scorer.rebuild_started = now
+        threading.Thread(target=self._rebuild_stale, args=(domain, scorer), daemon=True).start()
+
+    def _rebuild_stale(self, domain: str, stale: DomainScorer) -> None:
         try:
-            self.reload([domain], force=True)
-        except Exception:  # logged; the stale one keeps serving
+            self.reload([domain], force=True, replacing=stale)
+        except Exception:  # logged; requests get 503 until a later attempt succeeds
             log.exception("domain %s: rebuilding the feature state after an audit failure failed", domain)
 
-    def reload(self, domains: list[str] | None = None, force: bool = False) -> dict[str, Any]:
-        """Load each domain's current champion; swap in a rebuilt scorer when the version changed (or ``force``)."""
+    def reload(self, domains: list[str] | None = None, force: bool = False,
+               replacing: DomainScorer | None = None) -> dict[str, Any]:
+        """Load each domain's current champion; swap in a rebuilt scorer when the version changed (or ``force``).
+        ``replacing``: only if that scorer is still the live one (a stale scorer's rebuild)."""
         result: dict[str, Any] = {}
         with self._reload_lock:
             for domain in domains or self.domains:
                 old = self.get(domain)
+                if replacing is not None and old is not replacing:
+                    result[domain] = {"version": old.model_version, "changed": False}
+                    continue
                 champion = load_champion(domain)
                 if not force and not old.stale and champion[2] == old.model_version and champion[1] == old.model_name:
                     result[domain] = {"version": old.model_version, "changed": False}

@@ -38,6 +38,7 @@ import uuid
 from typing import Any
 
 import bentoml
+import sqlalchemy.exc as sa_exc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -162,7 +163,22 @@ def _error(status: int, body: dict[str, Any], request_id: str | None) -> JSONRes
 
 @app.exception_handler(RequestError)
 async def _request_error(request: Request, err: RequestError) -> JSONResponse:
-    return _error(err.status, err.body(), _state(request).get("request_id"))
+    response = _error(err.status, err.body(), _state(request).get("request_id"))
+    if err.retry_after is not None:
+        response.headers["Retry-After"] = str(err.retry_after)
+    return response
+
+
+@app.exception_handler(sa_exc.OperationalError)
+@app.exception_handler(sa_exc.InterfaceError)
+async def _store_unavailable(request: Request, err: Exception) -> JSONResponse:
+    """The audit store cannot be written or read (disk full, locked too long, connection lost): nothing of this
+    request was recorded (its transaction rolled back), so the client may retry it."""
+    rid = _state(request).get("request_id")
+    log.error("audit store unavailable", exc_info=err, extra={"fields": {"request_id": rid}})
+    response = _error(503, {"error": "the audit store is unavailable; nothing was recorded, retry later"}, rid)
+    response.headers["Retry-After"] = "5"
+    return response
 
 
 @app.exception_handler(auth.AuthError)

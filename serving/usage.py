@@ -30,7 +30,7 @@ class SharedUsage:
 
     def written(self, seqs: list[int]) -> None:
         """This worker wrote these score rows: its buckets paid for them when it authorised the request."""
-        self.scored.mark(seqs)
+        self.scored.written(seqs)
 
     def take(self, caller: Caller) -> None:
         """Take one token of ``caller``'s bucket (:class:`serving.auth.AuthError` 429 past the limit), first
@@ -42,7 +42,7 @@ class SharedUsage:
     def record(self, caller: Caller, request_id: str, method: str, path: str) -> None:
         """Record an accepted request of a route other than scoring, for the other processes' buckets (and as
         the trail of who read or changed what)."""
-        self.other.mark([self.audit.record_key_request(caller.key_id, caller.agency, request_id, method, path)])
+        self.other.written([self.audit.record_key_request(caller.key_id, caller.agency, request_id, method, path)])
 
     def follow(self) -> int:
         """Charge the requests recorded elsewhere since the last call; returns how many were charged.

@@ -871,6 +871,35 @@ def test_seq_cursor_rereads_holes_until_they_commit_or_expire():
     assert cursor.gaps == {} and [str(c) for c in cursor.where(sa.column("seq"))] == ["seq > :seq_1"]
 
 
+def test_own_rows_never_make_a_reader_skip_what_others_committed_below_them():
+    """A writer's own rows are applied already, but rows other processes committed below them are not read yet:
+    they are read later however many there are (no window) and however long no read ran (the clock starts at the
+    first read that misses them); only rows missing from every read for GAP_WAIT_S are given up."""
+    import sqlalchemy as sa
+
+    from serving.audit import GAP_WAIT_S, GAP_WINDOW, SeqCursor
+
+    def sql(cursor: SeqCursor) -> list[str]:
+        return [str(c.compile(compile_kwargs={"literal_binds": True})) for c in cursor.where(sa.column("seq"))]
+
+    now = [0.0]
+    cursor = SeqCursor(clock=lambda: now[0])
+    cursor.written([1, 2])  # alone: own rows just move the top, nothing to read back
+    assert cursor.top == 2 and not cursor.behind(2)
+    others = GAP_WINDOW + 500  # other workers committed seqs 3 .. others + 2 meanwhile
+    cursor.written([others + 3])
+    now[0] = 10 * GAP_WAIT_S  # a long quiet spell before the next read
+    assert cursor.behind(others + 3) and sql(cursor) == [f"seq > 2 AND (seq NOT IN ({others + 3}))"]
+    cursor.mark(list(range(3, others + 3)))  # the read found them all
+    assert cursor.top == others + 3 and not cursor.skip and not cursor.gaps and not cursor.behind(others + 3)
+    cursor.written([others + 5])  # others + 4 was never committed (a rolled-back insert)
+    cursor.mark([])
+    assert cursor.top == others + 3 and cursor.behind(others + 5)
+    now[0] += GAP_WAIT_S + 1
+    cursor.mark([])
+    assert cursor.top == others + 5 and not cursor.skip and not cursor.behind(others + 5)
+
+
 def test_audit_replay_reads_each_row_once_across_domains_and_late_commits(tmp_path):
     """Replays read past cursors: other domains' rows move the cursor only, rows a writer marked as its own are
     not read back, and a row committed late below the top (PostgreSQL sequence order) is still read, once."""
@@ -1037,3 +1066,23 @@ def test_freeze_heap_keeps_full_collections_off_long_lived_objects():
         if _freeze_after_full_collection in gc.callbacks:
             gc.callbacks.remove(_freeze_after_full_collection)
         gc.unfreeze()
+
+
+def test_an_unavailable_audit_store_is_a_503_with_retry_after():
+    """Disk full, a lock held too long, a dropped connection: the client learns the store is unavailable and may
+    retry (its transaction rolled back), instead of a bare 500."""
+    import sqlalchemy.exc as sa_exc
+    from starlette.testclient import TestClient
+
+    from serving.service import app
+
+    @app.get("/_store_down")
+    async def _store_down():
+        raise sa_exc.OperationalError("INSERT INTO scores ...", {}, Exception("database or disk is full"))
+
+    try:
+        response = TestClient(app, raise_server_exceptions=False).get("/_store_down")
+    finally:
+        app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", "") != "/_store_down"]
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert "audit store is unavailable" in response.json()["error"] and response.json()["request_id"]

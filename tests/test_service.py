@@ -780,3 +780,78 @@ def test_reviewer_label_counts_from_its_decision_in_training_as_in_serving(tmp_p
     serving = features_in_time_order(scorer.online, events_frame("customs", later)).reset_index(drop=True)
     pd.testing.assert_frame_equal(training[fs.names], serving[fs.names], check_dtype=False)
     assert training["importer_label_rate"].iloc[1] > training["importer_label_rate"].iloc[0]  # C sees it, B not
+
+
+def test_a_failed_audit_write_never_leaves_its_event_in_the_features(tmp_path, monkeypatch):
+    """The batch is in the online state before its audit commit. If anything fails before the commit (the write
+    itself, or an explanation error), the scorer refuses requests (503) until one rebuild from the store has
+    replaced it, so no later score counts an event the audit trail lacks."""
+    import lightgbm as lgb
+
+    from features.datasets import load_dataset
+    from features.domains import events_of, feature_set
+    from serving import scorer as scorer_module
+    from serving.audit import AuditStore
+    from serving.models import RequestError, parse_batch
+    from serving.scorer import DomainScorer, RequestMeta, ScorerRegistry
+    from training.bundle import Calibrator, ModelBundle
+
+    data_dir = REPO / "tests" / "fixtures" / "amlsim_sample"
+    fs = feature_set("finance")
+    names = ["src_out_count", "src_out_count_1h", "src_out_amount_24h"]
+    rng = np.random.default_rng(0)
+    booster = lgb.train({"objective": "binary", "verbose": -1, "num_threads": 1},
+                        lgb.Dataset(pd.DataFrame(rng.random((200, 3)), columns=names), rng.integers(0, 2, 200)),
+                        num_boost_round=3)
+    bundle = ModelBundle(domain="finance", feature_names=names, categorical={}, feature_labels={}, booster=booster,
+                         calibrator=Calibrator([0.0, 1.0], [0.0, 1.0]), threshold=0.5, bands={"high": 0.5},
+                         feature_set_version=fs.version, data_paths=[str(data_dir)])
+    builds = []
+    real_build = DomainScorer.build
+
+    def counted_build(domain, audit, champion=None):
+        builds.append(domain)
+        return real_build(domain, audit, champion)
+
+    monkeypatch.setattr(scorer_module, "load_champion", lambda domain: (bundle, "riskscore-finance", "1"))
+    monkeypatch.setattr(DomainScorer, "build", staticmethod(counted_build))
+    last = events_of(load_dataset("finance", data_dir)).iloc[-1]
+    end = last["timestamp"]
+    base = {k: (v.isoformat() if isinstance(v, pd.Timestamp) else v) for k, v in last.items() if k != "is_laundering"}
+
+    def score(tid: str, minutes: int) -> dict:
+        item = {**base, "transaction_id": tid, "timestamp": (end + pd.Timedelta(minutes=minutes)).isoformat()}
+        body = json.dumps({"items": [item]}).encode()
+        meta = RequestMeta(key_id="k", agency="A", request_id=f"r{time.time_ns()}")
+        result = registry.run("finance", lambda s: s.score(parse_batch("finance", json.loads(body)), meta, body, audit))
+        return audit.get_score(result.response["items"][0]["score_id"])["features_json"]
+
+    audit = AuditStore(f"sqlite:///{tmp_path / 'audit.db'}")
+    registry = ScorerRegistry(["finance"], audit)
+    try:
+        registry.start()
+        for failure in ("write", "explain"):
+            failing = registry.get("finance")
+            target = (audit, "record_scores") if failure == "write" else (scorer_module, "explain")
+            real = getattr(*target)
+            monkeypatch.setattr(*target, lambda *a, **k: (_ for _ in ()).throw(OSError("database or disk is full")))
+            with pytest.raises(OSError):
+                score(f"LOST-{failure}", 10)
+            monkeypatch.setattr(*target, real)
+            refused = 0
+            deadline = time.monotonic() + 60
+            while registry.get("finance") is failing:  # 503 while the one rebuild runs
+                with pytest.raises(RequestError) as err:
+                    score(f"EARLY-{refused}", 20)
+                assert err.value.status == 503 and err.value.retry_after
+                refused += 1
+                assert time.monotonic() < deadline, "the stale scorer was not replaced"
+                time.sleep(0.05)
+            assert failing.retired and not registry.get("finance").stale
+        after = score("AFTER", 30)
+        # the sender's transfers in the last hour: the history's last one only; neither lost event is counted
+        assert after["src_out_count_1h"] == 1
+        assert builds.count("finance") == 3  # the start, then exactly one rebuild per failure
+    finally:
+        registry.stop()
+        audit.close()
