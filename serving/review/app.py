@@ -195,7 +195,7 @@ def render(request: Request, name: str, status_code: int = 200, session: Session
 async def _page_error(request: Request, err: PageError) -> HTMLResponse:
     session, user = None, None
     try:  # the page's header shows who is logged in, when that can be known
-        session = sessions.get(request.cookies.get(COOKIE))
+        session = await run_in_threadpool(sessions.get, request.cookies.get(COOKIE))
         user = _service().keys.caller(session.key_id) if session is not None else None
     except Exception:  # e.g. the service is starting: the error page itself must still render
         session = None
@@ -250,7 +250,7 @@ async def login(request: Request) -> Response:
         return _login_page(request, 403, "The login form expired; please try again.", target)
     key = str(form.get("api_key") or "").strip()
     try:
-        caller = _authorize(request, key=key)
+        caller = await run_in_threadpool(_authorize, request, key)
     except auth.AuthError as err:
         if err.status == 403:
             message = f"A '{_role_of(key)}' key cannot open the review workspace; use a reviewer (or admin) key."
@@ -259,8 +259,8 @@ async def login(request: Request) -> Response:
         else:
             message = str(err)
         return _login_page(request, err.status, message, target)
-    sessions.drop(request.cookies.get(COOKIE))  # no session fixation: always a fresh id
-    session = sessions.create(caller.key_id, auth.hash_key(key))
+    await run_in_threadpool(sessions.drop, request.cookies.get(COOKIE))  # no session fixation: always a fresh id
+    session = await run_in_threadpool(sessions.create, caller.key_id, auth.hash_key(key))
     log.info("review login", extra={"fields": {"key_id": caller.key_id, "role": caller.role,
                                                "agency": caller.agency}})
     response = RedirectResponse(_safe_next(request, target), status_code=303)
@@ -280,12 +280,12 @@ def _role_of(key: str) -> str:
 @app.post("/logout")
 async def logout(request: Request) -> RedirectResponse:
     _check_origin(request)
-    session = sessions.get(request.cookies.get(COOKIE))
+    session = await run_in_threadpool(sessions.get, request.cookies.get(COOKIE))
     form = await request.form()
     if session is not None:
         if not same_token(session.csrf, str(form.get("csrf") or "")):
             raise PageError(403, "invalid or missing form token; reload the page and try again")
-        sessions.drop(session.sid)
+        await run_in_threadpool(sessions.drop, session.sid)
     response = RedirectResponse(f"{_base(request)}/login", status_code=303)
     response.delete_cookie(COOKIE, path=_base(request) or "/")
     return response
@@ -315,7 +315,7 @@ def _choice(value: str | None, allowed: tuple[str, ...], default: str, field: st
 
 @app.get("/queue")
 async def queue(request: Request) -> Response:
-    session, caller = _current(request)
+    session, caller = await run_in_threadpool(_current, request)  # session store and key checks: I/O
     q, errors = request.query_params, []
     domain = _choice(q.get("domain"), ("any", *DOMAINS), "any", "domain", errors)
     band = _choice(q.get("band"), BANDS, "flagged", "band", errors)
@@ -409,7 +409,7 @@ def _item_context(svc, caller: auth.Caller, score_id: str) -> dict[str, Any]:
 
 @app.get("/items/{score_id}")
 async def item(request: Request, score_id: str) -> HTMLResponse:
-    session, caller = _current(request)
+    session, caller = await run_in_threadpool(_current, request)  # session store and key checks: I/O
     context = await run_in_threadpool(_item_context, _service(), caller, score_id)
     recorded = request.query_params.get("recorded") == "1" and context["outcome"] is not None
     return render(request, "item.html", 200, session, caller, recorded=recorded, form_error=None, **context)
@@ -419,7 +419,7 @@ async def item(request: Request, score_id: str) -> HTMLResponse:
 async def record_outcome(request: Request, score_id: str) -> Response:
     """The outcome form: handed to the API's ``POST /outcomes`` handler (same validation, state update, case)."""
     _check_origin(request)
-    session, caller = _current(request)
+    session, caller = await run_in_threadpool(_current, request)  # session store and key checks: I/O
     form = await request.form()
     if not same_token(session.csrf, str(form.get("csrf") or "")):
         raise PageError(403, "invalid or missing form token; reload the page and try again")
