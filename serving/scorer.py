@@ -267,7 +267,6 @@ class DomainScorer:
                 raise
         self.synced_at = time.monotonic()
 
-
     # -- scoring -----------------------------------------------------------------------------------------
     def score(self, items: list, caller: RequestMeta, body: bytes, audit: AuditStore) -> ScoreResult:
         """Score validated items (caller must hold ``self.lock``); see module docstring."""

@@ -176,7 +176,7 @@ async def _store_unavailable(request: Request, err: Exception) -> JSONResponse:
     request was recorded (its transaction rolled back), so the client may retry it."""
     rid = _state(request).get("request_id")
     log.error("audit store unavailable", exc_info=err, extra={"fields": {"request_id": rid}})
-    response = _error(503, {"error": "the audit store is unavailable; nothing was recorded, retry later"}, rid)
+    response = _error(503, {"error": "the audit store is unavailable; retry later"}, rid)
     response.headers["Retry-After"] = "5"
     return response
 

@@ -563,22 +563,12 @@ def test_service_never_unpickles_or_loads_models_from_request_data():
 
 def test_schema_incompatible_champion_is_refused(tmp_path):
     """A champion whose feature list is not what this code computes is refused before it can serve."""
-    import lightgbm as lgb
-
     from features.domains import feature_set
     from serving.audit import AuditStore
     from serving.scorer import DomainScorer, ServingConfigError
-    from training.bundle import Calibrator, ModelBundle
+    from tests.test_service import tiny_bundle
 
-    fs = feature_set("finance")
-    names = [*fs.names[:3], "feature_from_another_version"]
-    rng = np.random.default_rng(0)
-    X = pd.DataFrame(rng.random((200, len(names))), columns=names)
-    booster = lgb.train({"objective": "binary", "verbose": -1, "num_threads": 1},
-                        lgb.Dataset(X, rng.integers(0, 2, 200)), num_boost_round=2)
-    bundle = ModelBundle(domain="finance", feature_names=names, categorical={}, feature_labels={}, booster=booster,
-                         calibrator=Calibrator([0.0, 1.0], [0.0, 1.0]), threshold=0.5, bands={"high": 0.5},
-                         feature_set_version=fs.version)
+    bundle = tiny_bundle("finance", [*feature_set("finance").names[:3], "feature_from_another_version"], rounds=2)
     audit = AuditStore(f"sqlite:///{tmp_path / 'audit.db'}")
     try:
         with pytest.raises(ServingConfigError, match="feature_from_another_version"):
@@ -1069,8 +1059,8 @@ def test_freeze_heap_keeps_full_collections_off_long_lived_objects():
 
 
 def test_an_unavailable_audit_store_is_a_503_with_retry_after():
-    """Disk full, a lock held too long, a dropped connection: the client learns the store is unavailable and may
-    retry (its transaction rolled back), instead of a bare 500."""
+    """Disk full, a lock held too long, a dropped connection: the client learns the store is unavailable and when
+    to retry, instead of a bare 500."""
     import sqlalchemy.exc as sa_exc
     from starlette.testclient import TestClient
 

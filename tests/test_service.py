@@ -167,6 +167,23 @@ def _audit(server: Server) -> sqlite3.Connection:
 # ---------------------------------------------------------------------------------------------- tests
 
 
+def tiny_bundle(domain: str, names: list[str], rounds: int = 3, **fields):
+    """A real LightGBM bundle over ``names``, fitted to random data in milliseconds: for tests of the serving
+    machinery (history, state, audit, reload), not of the model."""
+    import lightgbm as lgb
+
+    from features.domains import feature_set
+    from training.bundle import Calibrator, ModelBundle
+
+    rng = np.random.default_rng(0)
+    booster = lgb.train({"objective": "binary", "verbose": -1, "num_threads": 1},
+                        lgb.Dataset(pd.DataFrame(rng.random((200, len(names))), columns=names),
+                                    rng.integers(0, 2, 200)), num_boost_round=rounds)
+    return ModelBundle(domain=domain, feature_names=list(names), categorical={}, feature_labels={}, booster=booster,
+                       calibrator=Calibrator([0.0, 1.0], [0.0, 1.0]), threshold=0.5, bands={"high": 0.5},
+                       feature_set_version=feature_set(domain).version, **fields)
+
+
 @server_test
 def test_health_ready_and_metrics(server: Server):
     with server.client() as c:
@@ -626,7 +643,6 @@ def test_service_history_uses_the_models_label_delay(tmp_path):
     from features.domains import feature_set
     from serving.audit import AuditStore
     from serving.scorer import DomainScorer
-    from training.bundle import Calibrator, ModelBundle
 
     data_file = REPO / "tests" / "fixtures" / "customs_public_sample.csv"
     events = load_datasets("customs", [data_file]).declarations
@@ -639,10 +655,7 @@ def test_service_history_uses_the_models_label_delay(tmp_path):
     both = pd.concat([events, new.astype(events.dtypes.to_dict())], ignore_index=True)
     batch = fs.build(both, load_datasets("customs", [data_file], delay).cases).iloc[[-1]].reset_index(drop=True)
 
-    bundle = ModelBundle(domain="customs", feature_names=fs.names[:1], categorical={}, feature_labels={},
-                         booster=None, calibrator=Calibrator([0.0, 1.0], [0.0, 1.0]), threshold=0.5,
-                         bands={"high": 0.5}, feature_set_version=fs.version, label_delay_days=delay,
-                         data_paths=[str(data_file)])
+    bundle = tiny_bundle("customs", fs.names[:1], label_delay_days=delay, data_paths=[str(data_file)])
     audit = AuditStore(f"sqlite:///{tmp_path / 'audit.db'}")
     try:
         scorer = DomainScorer.build("customs", audit, (bundle, "riskscore-customs", "1"))
@@ -659,25 +672,16 @@ def test_an_event_scored_again_counts_once_as_after_a_restart(tmp_path):
     """A second scoring of an event id (a retry without Idempotency-Key, an analyst re-checking it, an event of the
     history) is scored but not counted again: later features are what a restarted service, which replays the
     first scoring of each id, computes for the same item."""
-    import lightgbm as lgb
 
     from features.datasets import load_dataset
-    from features.domains import events_of, feature_set
+    from features.domains import events_of
     from serving.audit import AuditStore
     from serving.models import parse_batch
     from serving.scorer import DomainScorer, RequestMeta
-    from training.bundle import Calibrator, ModelBundle
 
     data_dir = REPO / "tests" / "fixtures" / "amlsim_sample"
-    fs = feature_set("finance")
     names = ["src_out_count", "src_out_count_1h", "src_out_amount_24h", "pair_count", "pair_amount"]
-    rng = np.random.default_rng(0)
-    X = pd.DataFrame(rng.random((200, len(names))), columns=names)
-    booster = lgb.train({"objective": "binary", "verbose": -1, "num_threads": 1},
-                        lgb.Dataset(X, rng.integers(0, 2, 200)), num_boost_round=3)
-    bundle = ModelBundle(domain="finance", feature_names=names, categorical={}, feature_labels={}, booster=booster,
-                         calibrator=Calibrator([0.0, 1.0], [0.0, 1.0]), threshold=0.5, bands={"high": 0.5},
-                         feature_set_version=fs.version, data_paths=[str(data_dir)])
+    bundle = tiny_bundle("finance", names, data_paths=[str(data_dir)])
     last = events_of(load_dataset("finance", data_dir)).iloc[-1]
     old = {k: (v.isoformat() if isinstance(v, pd.Timestamp) else v) for k, v in last.items() if k != "is_laundering"}
     end = last["timestamp"]
@@ -741,7 +745,6 @@ def test_reviewer_label_counts_from_its_decision_in_training_as_in_serving(tmp_p
     from serving.fast_path import features_in_time_order
     from serving.models import Declaration
     from serving.scorer import DomainScorer
-    from training.bundle import Calibrator, ModelBundle
     from training.outcomes import read_reviewer_outcomes
 
     base = {"office_id": "O1", "process_type": "P", "import_type": "I", "import_use": "U", "payment_type": "PT",
@@ -770,9 +773,7 @@ def test_reviewer_label_counts_from_its_decision_in_training_as_in_serving(tmp_p
     training = fs.build(pd.concat([reviewed.events, events_frame("customs", later)], ignore_index=True),
                         reviewed.cases).iloc[1:].reset_index(drop=True)
     monkeypatch.setenv("RISKSCORE_HISTORY_CUSTOMS", "none")
-    bundle = ModelBundle(domain="customs", feature_names=fs.names[:1], categorical={}, feature_labels={},
-                         booster=None, calibrator=Calibrator([0.0, 1.0], [0.0, 1.0]), threshold=0.5,
-                         bands={"high": 0.5}, feature_set_version=fs.version)
+    bundle = tiny_bundle("customs", fs.names[:1])
     try:
         scorer = DomainScorer.build("customs", audit, (bundle, "riskscore-customs", "1"))
     finally:
@@ -786,26 +787,17 @@ def test_a_failed_audit_write_never_leaves_its_event_in_the_features(tmp_path, m
     """The batch is in the online state before its audit commit. If anything fails before the commit (the write
     itself, or an explanation error), the scorer refuses requests (503) until one rebuild from the store has
     replaced it, so no later score counts an event the audit trail lacks."""
-    import lightgbm as lgb
 
     from features.datasets import load_dataset
-    from features.domains import events_of, feature_set
+    from features.domains import events_of
     from serving import scorer as scorer_module
     from serving.audit import AuditStore
     from serving.models import RequestError, parse_batch
     from serving.scorer import DomainScorer, RequestMeta, ScorerRegistry
-    from training.bundle import Calibrator, ModelBundle
 
     data_dir = REPO / "tests" / "fixtures" / "amlsim_sample"
-    fs = feature_set("finance")
-    names = ["src_out_count", "src_out_count_1h", "src_out_amount_24h"]
-    rng = np.random.default_rng(0)
-    booster = lgb.train({"objective": "binary", "verbose": -1, "num_threads": 1},
-                        lgb.Dataset(pd.DataFrame(rng.random((200, 3)), columns=names), rng.integers(0, 2, 200)),
-                        num_boost_round=3)
-    bundle = ModelBundle(domain="finance", feature_names=names, categorical={}, feature_labels={}, booster=booster,
-                         calibrator=Calibrator([0.0, 1.0], [0.0, 1.0]), threshold=0.5, bands={"high": 0.5},
-                         feature_set_version=fs.version, data_paths=[str(data_dir)])
+    bundle = tiny_bundle("finance", ["src_out_count", "src_out_count_1h", "src_out_amount_24h"],
+                         data_paths=[str(data_dir)])
     builds = []
     real_build = DomainScorer.build
 
