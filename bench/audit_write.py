@@ -1,7 +1,9 @@
 """Audit write latency: one scored item per commit, SQLite's automatic WAL checkpoints against the service's
 background checkpoints (:class:`serving.audit.WalCheckpointer`); and what the shared rate limit adds per request
 (:meth:`serving.usage.SharedUsage.follow`), next to the commit it accompanies; and the record of an accepted read
-(:meth:`serving.usage.SharedUsage.record`, one ``key_requests`` row).
+(:meth:`serving.usage.SharedUsage.record`, one ``key_requests`` row); and commits of two processes writing to one
+store at once, back to back (the service's workers and replicas; they take turns through
+:class:`serving.audit.WriteLock`).
 
 Each commit writes a request row and a score row the size of a finance item (81 features and 81 SHAP
 contributions as JSON) into a fresh SQLite store in a temporary directory. The rate-limit check is timed with
@@ -14,6 +16,7 @@ read's record is one commit of one small row.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -53,6 +56,43 @@ def run(background: bool, commits: int) -> dict:
     out = percentiles(times)
     out["over_5ms"] = sum(t > 0.005 for t in times)
     return out
+
+
+def _writer(url: str, commits: int, start, out) -> None:
+    from serving.audit import AuditStore
+
+    store = AuditStore(url, background_checkpoint=True)
+    start.wait()
+    times = []
+    for _ in range(commits):
+        request, rows = _rows(uuid.uuid4().hex)
+        started = time.perf_counter()
+        store.record_scores(request, rows, {"items": [{"score": 0.5}]})
+        times.append(time.perf_counter() - started)
+    store.close()
+    out.put(times)
+
+
+def contended(commits: int, writers: int = 2) -> dict:
+    """Commit latency of ``writers`` processes writing to one store at the same time, back to back."""
+    from serving.audit import AuditStore
+
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="riskscore-audit-") as tmp:
+        url = f"sqlite:///{Path(tmp) / 'audit.db'}"
+        AuditStore(url).close()  # the tables, before the writers start
+        start, out = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_writer, args=(url, commits // writers, start, out)) for _ in range(writers)]
+        for proc in procs:
+            proc.start()
+        start.set()
+        times = [t for _ in procs for t in out.get(timeout=600)]
+        for proc in procs:
+            proc.join(timeout=60)
+    result = percentiles(times)
+    result["over_5ms"] = sum(t > 0.005 for t in times)
+    result["writers"] = writers
+    return result
 
 
 def shared_usage(commits: int) -> dict:
@@ -96,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         r = results[name] = run(background, args.commits)
         print(f"{name} checkpoints: p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms max {r['max_ms']:.1f} ms, "
               f"{r['over_5ms']} commits over 5 ms", flush=True)
+    c = results["two_writers"] = contended(args.commits)
+    print(f"two processes writing at once: p50 {c['p50_ms']:.2f} ms p99 {c['p99_ms']:.2f} ms max {c['max_ms']:.1f} ms, "
+          f"{c['over_5ms']} commits over 5 ms", flush=True)
     u = results["shared_rate_limit"] = shared_usage(min(args.commits, 2000))
     print(f"shared rate limit check: nothing new p50 {u['idle']['p50_ms'] * 1000:.0f} us, after another process's "
           f"request p50 {u['after_one_request']['p50_ms'] * 1000:.0f} us p99 {u['after_one_request']['p99_ms']:.2f} ms "

@@ -378,6 +378,7 @@ class RiskScore:
         self.usage = SharedUsage(self.audit, self.limiter, lambda: self.keys)
         self.reload_seq = self.audit.last_reload_seq()  # earlier reloads are in what this worker loads now
         self._reload_checked_at = time.monotonic()
+        self._reload_check = threading.Lock()  # one check at a time (the event loop and thread-pool routes)
         registry = ScorerRegistry(self.domains, self.audit, on_written=self.usage.written)
         try:
             registry.start()
@@ -508,7 +509,7 @@ class RiskScore:
     @app.get("/scores/{score_id}")
     async def get_score(self, score_id: str, request: Request) -> JSONResponse:
         """A stored score with inputs, features and every SHAP contribution (reviewer: own agency; admin)."""
-        caller = self._authorize(request, "scores:read")
+        caller = await run_in_threadpool(self._authorize, request, "scores:read")  # records the request
         row = await run_in_threadpool(self.audit.get_score, score_id) if len(score_id) <= 64 else None
         if row is None or (caller.role != "admin" and row["agency"] != caller.agency):
             raise RequestError(404, f"score {score_id[:64]!r} not found")
@@ -529,7 +530,7 @@ class RiskScore:
     @app.post("/outcomes", status_code=201)
     async def post_outcome(self, request: Request) -> JSONResponse:
         """Record a reviewer's decision on a score of their agency; it becomes a case for training and features."""
-        caller = self._authorize(request, "outcomes:write")
+        caller = await run_in_threadpool(self._authorize, request, "outcomes:write")  # records the request
         body = parse_model(OutcomeIn, await self._json(request))
         row = await run_in_threadpool(self.audit.get_score, body.score_id)
         if row is None or row["agency"] != caller.agency:
@@ -552,7 +553,7 @@ class RiskScore:
     async def admin_reload(self, request: Request) -> JSONResponse:
         """Reload API keys and swap in each domain's current champion (admin); the other workers and replicas on
         this audit store follow (:meth:`_follow_reloads`)."""
-        caller = self._authorize(request, "admin")
+        caller = await run_in_threadpool(self._authorize, request, "admin")  # records the request
         raw = await read_body(request, max_body_bytes())
         payload = parse_json(raw) if raw.strip() else {}
         if not isinstance(payload, dict) or set(payload) - {"domains", "force"}:
@@ -572,8 +573,9 @@ class RiskScore:
         force = bool(payload.get("force"))
         result, failed = await run_in_threadpool(self._reload, domains or self.registry.domains, force)
         seq = await run_in_threadpool(self.audit.request_reload, domains, force, caller.key_id)
-        if seq == self.reload_seq + 1:  # ours is the only new one: no need to follow it here
-            self.reload_seq = seq
+        with self._reload_check:
+            if seq == self.reload_seq + 1:  # ours is the only new one: no need to follow it here
+                self.reload_seq = seq
         self.keys = keys  # revocations apply even when a champion failed to load
         if failed:
             raise RequestError(409, "reload failed; the current models keep serving: " + "; ".join(
@@ -608,18 +610,22 @@ class RiskScore:
         new ones swap in the key file at once (revocations apply within about that interval) and reload the
         champions in a background thread, as the admin route does.
         """
-        now = time.monotonic()
-        if now - self._reload_checked_at < reload_check_interval():
+        if time.monotonic() - self._reload_checked_at < reload_check_interval():
             return
-        self._reload_checked_at = now
+        if not self._reload_check.acquire(blocking=False):  # another request is checking right now
+            return
         try:
-            pending = self.audit.reloads_after(self.reload_seq)
-        except Exception:  # the store is unreachable: scoring will say so; other routes go on
-            log.warning("could not check for reloads requested elsewhere", exc_info=True)
-            return
-        if not pending:
-            return
-        self.reload_seq = pending[-1].seq
+            self._reload_checked_at = time.monotonic()
+            try:
+                pending = self.audit.reloads_after(self.reload_seq)
+            except Exception:  # the store is unreachable: scoring will say so; other routes go on
+                log.warning("could not check for reloads requested elsewhere", exc_info=True)
+                return
+            if not pending:
+                return
+            self.reload_seq = pending[-1].seq
+        finally:
+            self._reload_check.release()
         served = self.registry.domains
         if any(row.domains is None for row in pending):
             domains = list(served)
@@ -630,7 +636,7 @@ class RiskScore:
             self.keys = auth.load_keys()
         except ValueError:
             log.exception("a reload requested elsewhere could not read the keys; the current keys keep serving")
-        log.info("following reload %s requested elsewhere (domains %s, force %s)", self.reload_seq, domains, force)
+        log.info("following reload %s requested elsewhere (domains %s, force %s)", pending[-1].seq, domains, force)
         threading.Thread(target=self._reload_followed, args=(domains, force), name="riskscore-reload",
                          daemon=True).start()
 

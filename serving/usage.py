@@ -12,6 +12,7 @@ overshoot is at most one request per process.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 from serving.audit import AuditStore, SeqCursor
@@ -27,6 +28,7 @@ class SharedUsage:
         self.audit, self.limiter, self.keys = audit, limiter, keys
         score_head, other_head = audit.usage_heads()  # requests before this worker started are not charged
         self.scored, self.other = SeqCursor(start=score_head), SeqCursor(start=other_head)
+        self._following = threading.Lock()  # one reader at a time: a row read twice would be charged twice
 
     def written(self, seqs: list[int]) -> None:
         """This worker wrote these score rows: its buckets paid for them when it authorised the request."""
@@ -48,6 +50,10 @@ class SharedUsage:
         """Charge the requests recorded elsewhere since the last call; returns how many were charged.
 
         An unreachable store is logged and skipped (the request's own work will report it)."""
+        with self._following:
+            return self._follow()
+
+    def _follow(self) -> int:
         try:
             score_head, other_head = self.audit.usage_heads()
             if not (self.scored.behind(score_head) or self.other.behind(other_head)):

@@ -10,8 +10,10 @@ load helpers here are also what ``bench/reliability.py`` runs for longer (20 cli
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
+import os
 import signal
 import sqlite3
 import threading
@@ -1076,3 +1078,70 @@ def test_an_unavailable_audit_store_is_a_503_with_retry_after():
         app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", "") != "/_store_down"]
     assert response.status_code == 503 and response.headers["retry-after"] == "5"
     assert "audit store is unavailable" in response.json()["error"] and response.json()["request_id"]
+
+
+def test_write_lock_waits_for_its_holder_and_gives_up_on_a_hung_one(tmp_path):
+    """A writer takes the SQLite write lock as soon as its holder lets go, and a holder that never does (a hung
+    process) makes it give up with :class:`AuditStoreBusy` (an OperationalError: the service's 503) instead of
+    waiting for ever."""
+    from serving.audit import AuditStoreBusy, WriteLock
+
+    db = str(tmp_path / "audit.db")
+    holder = os.open(db + ".lock", os.O_RDWR | os.O_CREAT)
+    lock = WriteLock(db, timeout=0.3)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        started = time.monotonic()
+        with pytest.raises(AuditStoreBusy, match="audit write lock"), lock:
+            pass
+        assert time.monotonic() - started >= 0.3
+        release = threading.Timer(0.1, fcntl.flock, (holder, fcntl.LOCK_UN))
+        release.start()
+        with lock, pytest.raises(BlockingIOError):  # the holder let go in time: this writer holds it now
+            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        release.join()
+        for _ in range(200):  # released on exit (and by the waiter given up on, once it got its turn)
+            with contextlib.suppress(BlockingIOError):
+                fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the write lock stayed held after its writer finished")
+    finally:
+        os.close(holder)
+        lock.close()
+
+
+@server_test
+def test_a_read_waiting_for_the_audit_write_lock_does_not_stall_the_worker(server: Server):
+    """A reviewer's read records its request in the audit store; while the write lock is held elsewhere that read
+    waits in the thread pool, and the worker answers other requests meanwhile (it used to wait on the event
+    loop, stalling every request of the worker)."""
+    score_id = None
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.post("/score_shipments", json={"items": _events(server, "customs", 1, start=700)},
+                   headers=server.headers("customs"))
+        assert r.status_code == 200, r.text
+        score_id = r.json()["items"][0]["score_id"]
+    holder = os.open(str(server.home / "audit.db.lock"), os.O_RDWR | os.O_CREAT)
+    result: dict = {}
+
+    def read() -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            result["read"] = c.get(f"/scores/{score_id}", headers=server.headers("reviewer"))
+
+    reader = threading.Thread(target=read)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        reader.start()
+        time.sleep(0.5)
+        assert "read" not in result  # waiting for the lock
+        with httpx.Client(base_url=server.url, timeout=5) as c:
+            assert c.get("/readyz").status_code == 200
+            assert c.get("/healthz").status_code == 200
+        assert "read" not in result
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+        reader.join(timeout=60)
+    assert result["read"].status_code == 200 and result["read"].json()["score_id"] == score_id
