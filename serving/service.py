@@ -103,6 +103,9 @@ def setup_logging() -> None:
     root.propagate = False
 
 
+_VS_REFERENCE = "recent items of the champion vs its reference (calibration) window; NaN until it has enough"
+
+
 @functools.cache
 def metrics() -> dict[str, Any]:
     """Prometheus metrics, created in the worker (after BentoML set up multiprocess mode)."""
@@ -120,9 +123,9 @@ def metrics() -> dict[str, Any]:
                                 buckets=(1, 2, 5, 10, 50, 100, 500, 1000)),
         "reloads": prom.Counter("riskscore_reloads_total", "Champion swaps", ["domain"]),
         "reload_failures": prom.Counter("riskscore_reload_failures_total", "Failed champion reloads", ["domain"]),
-        "feature_psi": prom.Gauge("riskscore_feature_psi", "PSI of a feature: recent scored items vs training",
+        "feature_psi": prom.Gauge("riskscore_feature_psi", f"PSI of a feature: {_VS_REFERENCE}",
                                   ["domain", "feature"], multiprocess_mode="mostrecent"),
-        "score_psi": prom.Gauge("riskscore_score_psi", "PSI of the score: recent scored items vs training",
+        "score_psi": prom.Gauge("riskscore_score_psi", f"PSI of the score: {_VS_REFERENCE}",
                                 ["domain"], multiprocess_mode="mostrecent"),
         "drift_items": prom.Gauge("riskscore_drift_window_items", "Recent scored items the drift gauges use",
                                   ["domain"], multiprocess_mode="mostrecent"),
@@ -374,6 +377,7 @@ class RiskScore:
         self.limiter = auth.RateLimiter()
         self.reload_errors: dict[str, dict[str, str]] = {}
         self._drift_at = 0.0
+        self._drift_features: dict[str, set[str]] = {}  # feature PSI gauges set per domain
         self.audit = AuditStore(background_checkpoint=True)
         self.usage = SharedUsage(self.audit, self.limiter, lambda: self.keys)
         self.reload_seq = self.audit.last_reload_seq()  # earlier reloads are in what this worker loads now
@@ -419,6 +423,21 @@ class RiskScore:
             self.usage.record(caller, request_id, request.scope.get("method", ""), request.scope.get("path", ""))
         return caller
 
+    def _set_drift_gauges(self, m: dict, domain: str, report: Any) -> None:
+        """PSI gauges of ``domain`` from ``report``; NaN for the score and for every feature it does not cover
+        (none: not enough items of the champion yet), and retraining not due."""
+        psi = {} if report is None else dict(zip(report["name"], report["psi"], strict=True))
+        nan = float("nan")
+        m["score_psi"].labels(domain).set(psi.pop("score", nan))
+        shown = self._drift_features.setdefault(domain, set())
+        for name in shown - set(psi):
+            m["feature_psi"].labels(domain, name).set(nan)
+        for name, value in psi.items():
+            m["feature_psi"].labels(domain, name).set(value)
+        shown.update(psi)
+        if report is None:
+            m["drift_retrain"].labels(domain).set(0.0)
+
     def refresh_drift(self, force: bool = False) -> dict[str, Any]:
         """Recompute the drift gauges of every domain from its latest audited items (throttled unless ``force``)."""
         now = time.monotonic()
@@ -429,19 +448,18 @@ class RiskScore:
         for domain in self.registry.domains:
             scorer = self.registry.get(domain)
             reference = getattr(scorer.bundle, "reference", None) or {}
-            if not reference.get("features"):
+            items, report = 0, None
+            if reference.get("features"):
+                feats, scores = self.audit.recent_features(domain, drift_window(),
+                                                           model_version=scorer.model_version)
+                items = len(scores)
+                if items >= max(drift_min_items(), 1):
+                    report = drift_report(reference, feats, scores)
+            m["drift_items"].labels(domain).set(items)
+            self._set_drift_gauges(m, domain, report)
+            if report is None:  # a new champion without enough items yet: no verdict (not the previous one's)
                 continue
-            feats, scores = self.audit.recent_features(domain, drift_window(), model_version=scorer.model_version)
-            m["drift_items"].labels(domain).set(len(scores))
-            if len(scores) < drift_min_items():
-                continue
-            report = drift_report(reference, feats, scores)
-            for name, value in zip(report["name"], report["psi"], strict=True):
-                if name == "score":
-                    m["score_psi"].labels(domain).set(value)
-                else:
-                    m["feature_psi"].labels(domain, name).set(value)
-            summary = drift_summary(report, items=len(scores))
+            summary = drift_summary(report, items=items)
             m["drift_retrain"].labels(domain).set(float(summary["retrain_due"]))
             out[domain] = summary
         return out

@@ -221,6 +221,35 @@ def test_drift_report_flags_shift_and_not_noise():
     assert drift_summary(drift_report(ref, shifted, rng.beta(5, 5, 2000)), items=2000)["retrain_due"]
 
 
+def test_drift_sees_features_that_sit_mostly_on_one_value_move():
+    """A flag, a count that is mostly 0 and a constant: each heavy value has its own bin, so a move of its mass
+    is seen in either direction (quantile edges alone put it in one bin with everything above it: PSI 0)."""
+    from training.drift import drift_report, reference_profile
+
+    rng = np.random.default_rng(2)
+    n = 5000
+    train = pd.DataFrame({
+        "flag": (rng.random(n) < 0.05).astype(float),
+        "count": np.where(rng.random(n) < 0.92, 0, rng.poisson(3, n) + 1).astype(float),
+        "constant": np.zeros(n),
+    })
+    ref = reference_profile(train, rng.beta(1, 20, n), [], window="calibration")
+    same = pd.DataFrame({"flag": (rng.random(2000) < 0.05).astype(float),
+                         "count": np.where(rng.random(2000) < 0.92, 0, rng.poisson(3, 2000) + 1).astype(float),
+                         "constant": np.zeros(2000)})
+    assert (drift_report(ref, same, rng.beta(1, 20, 2000))["status"] == "ok").all()
+    moved = pd.DataFrame({"flag": (rng.random(2000) < 0.5).astype(float),
+                          "count": np.where(rng.random(2000) < 0.4, 0, rng.poisson(3, 2000) + 1).astype(float),
+                          "constant": np.ones(2000)})
+    report = drift_report(ref, moved, rng.beta(1, 20, 2000)).set_index("name")
+    assert (report.loc[["flag", "count", "constant"], "status"] == "retrain").all()
+    below = drift_report(ref, same.assign(constant=-1.0), rng.beta(1, 20, 2000)).set_index("name")
+    assert below.loc["constant", "psi"] == pytest.approx(report.loc["constant", "psi"])
+    old = {"features": {"x": {"kind": "numeric", "edges": [1.0], "shares": [0.5, 0.5, 0.0]}},
+           "score": {"kind": "numeric", "edges": [0.5], "shares": [0.5, 0.5]}}  # a bundle from before
+    assert drift_report(old, pd.DataFrame({"x": [0.0, 2.0] * 50}), np.r_[[0.1] * 50, [0.9] * 50])["psi"].max() < 0.01
+
+
 def test_learned_rates_drift_up_to_watch_only():
     """A learned outcome rate (its values move as outcomes accrue) is reported, but never calls for retraining."""
     from training.drift import drift_report, drift_summary, reference_profile
@@ -234,6 +263,45 @@ def test_learned_rates_drift_up_to_watch_only():
     assert not drift_summary(report.reset_index())["retrain_due"]
     unmarked = reference_profile(frame, rng.beta(1, 20, 3000), [], window="calibration")
     assert drift_summary(drift_report(unmarked, moved, rng.beta(1, 20, 3000)))["retrain_due"]
+
+
+def test_drift_gauges_of_a_new_champion_start_empty_not_with_the_old_ones():
+    """After a reload the gauges describe the new champion: until it has enough items, its PSI gauges are NaN
+    and retraining is not due (they kept the previous model's values, so a retrain alert outlived the retrain),
+    and features the new model lacks are NaN."""
+    from types import SimpleNamespace
+
+    import prometheus_client as prom
+
+    from serving.service import RiskScore
+    from training.drift import reference_profile
+
+    rng = np.random.default_rng(3)
+    ref_frame = pd.DataFrame({"amount": rng.lognormal(5, 1, 3000), "old_only": rng.normal(size=3000)})
+    drifted = pd.DataFrame({"amount": rng.lognormal(9, 1, 500), "old_only": rng.normal(5, 1, 500)})
+    old = SimpleNamespace(model_version="1", bundle=SimpleNamespace(
+        reference=reference_profile(ref_frame, rng.beta(1, 20, 3000), [], window="calibration")))
+    new = SimpleNamespace(model_version="2", bundle=SimpleNamespace(
+        reference=reference_profile(ref_frame[["amount"]], rng.beta(1, 20, 3000), [], window="calibration")))
+    audited = {"1": (drifted, rng.beta(5, 5, 500)), "2": (pd.DataFrame(), np.array([]))}
+    live = {"customs": old}
+    service = SimpleNamespace(
+        _drift_at=0.0, _drift_features={},
+        registry=SimpleNamespace(domains=["customs"], get=lambda d: live[d]),
+        audit=SimpleNamespace(recent_features=lambda d, n, model_version: audited[model_version]))
+    service._set_drift_gauges = lambda *a: RiskScore.inner._set_drift_gauges(service, *a)
+
+    def gauge(name: str, **labels) -> float:
+        return prom.REGISTRY.get_sample_value(name, {"domain": "customs", **labels})
+
+    assert RiskScore.inner.refresh_drift(service, force=True)["customs"]["retrain_due"]
+    assert gauge("riskscore_drift_retrain_due") == 1.0 and gauge("riskscore_score_psi") > 0.25
+    assert gauge("riskscore_feature_psi", feature="old_only") > 0.25
+    live["customs"] = new  # promoted and reloaded: no items of v2 yet
+    assert RiskScore.inner.refresh_drift(service, force=True) == {}
+    assert gauge("riskscore_drift_retrain_due") == 0.0 and gauge("riskscore_drift_window_items") == 0
+    assert np.isnan(gauge("riskscore_score_psi")) and np.isnan(gauge("riskscore_feature_psi", feature="amount"))
+    assert np.isnan(gauge("riskscore_feature_psi", feature="old_only"))
 
 
 @server_test

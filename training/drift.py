@@ -1,4 +1,5 @@
-"""Drift monitoring: population stability index (PSI) of features and scores against training."""
+"""Drift monitoring: population stability index (PSI) of features and scores against a reference window (the
+model's calibration window, stored in its bundle)."""
 
 from __future__ import annotations
 
@@ -35,16 +36,33 @@ def _profile(values: pd.Series, categorical: bool) -> dict:
         return {"kind": "categorical", "levels": [str(k) for k in top.index], "shares": top.tolist()}
     numeric = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
     finite = numeric[np.isfinite(numeric)]
-    edges = np.unique(np.quantile(finite, np.linspace(0, 1, BINS + 1)[1:-1])) if len(finite) else np.array([])
-    return {"kind": "numeric", "edges": edges.tolist(), "shares": _numeric_shares(numeric, edges).tolist()}
+    points = _mass_points(finite)
+    rest = finite[~np.isin(finite, points)]
+    edges = np.unique(np.quantile(rest, np.linspace(0, 1, BINS + 1)[1:-1])) if len(rest) else np.array([])
+    return {"kind": "numeric", "points": points.tolist(), "edges": edges.tolist(),
+            "shares": _numeric_shares(numeric, edges, points).tolist()}
 
 
-def _numeric_shares(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+def _mass_points(finite: np.ndarray) -> np.ndarray:
+    """Values holding at least 1/BINS of the reference (a flag's 0 and 1, a count that is mostly 0): each gets
+    its own bin. Quantile edges alone put all of a feature that is 0 in 90% of rows into one bin with everything
+    above it, so a move of its mass went unseen."""
+    if not len(finite):
+        return np.array([])
+    values, counts = np.unique(finite, return_counts=True)
+    return values[counts >= len(finite) / BINS]
+
+
+def _numeric_shares(values: np.ndarray, edges: np.ndarray, points: np.ndarray | None = None) -> np.ndarray:
+    """Shares of: each mass point, the ranges between ``edges`` of the other values, missing (in that order)."""
+    points = np.array([]) if points is None else points
     missing = ~np.isfinite(values)
-    bins = np.searchsorted(edges, values[~missing], side="right")
-    counts = np.bincount(bins, minlength=len(edges) + 1).astype(float)
-    counts = np.append(counts, missing.sum())
-    return counts / max(len(values), 1)
+    finite = values[~missing]
+    at_point = np.isin(finite, points)
+    point_counts = np.bincount(np.searchsorted(points, finite[at_point]), minlength=len(points))
+    bins = np.searchsorted(edges, finite[~at_point], side="right")
+    counts = np.concatenate([point_counts, np.bincount(bins, minlength=len(edges) + 1), [missing.sum()]])
+    return counts.astype(float) / max(len(values), 1)
 
 
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:
@@ -63,11 +81,12 @@ def feature_psi(profile: dict, values: pd.Series) -> float:
         actual.append(max(0.0, 1 - sum(actual)))
         return psi(expected, np.array(actual))
     numeric = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
-    edges = np.asarray(profile["edges"])
+    edges = np.asarray(profile["edges"], np.float64)
+    points = np.asarray(profile.get("points", []), np.float64)  # profiles of older bundles have none
     expected = np.asarray(profile["shares"])
-    if len(expected) == len(edges) + 1:  # profiles without a missing bucket
+    if len(expected) == len(points) + len(edges) + 1:  # profiles without a missing bucket
         expected = np.append(expected, 0.0)
-    return psi(expected, _numeric_shares(numeric, edges))
+    return psi(expected, _numeric_shares(numeric, edges, points))
 
 
 def drift_report(profile: dict, features: pd.DataFrame, scores: np.ndarray) -> pd.DataFrame:
