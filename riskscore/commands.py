@@ -141,24 +141,27 @@ def drift_cmd(domain: str, in_path: str | None, window: int, as_json: bool, fail
 
         bundle, info = load_champion(domain)
         store = AuditStore()
-        try:  # the champion's own scores; any version's if it has scored nothing yet
+        source = f"the latest {{:,}} audited scores of v{info.version}"
+        try:  # the champion's own scores; if it has scored nothing yet, earlier versions' features (not scores)
             feats, scores = store.recent_features(domain, window, model_version=str(info.version))
             if not len(scores):
-                feats, scores = store.recent_features(domain, window)
+                feats, scores = store.recent_features(domain, window)[0], None
+                source = (f"the latest {{:,}} audited items of earlier versions: features only, v{info.version} "
+                          "has scored none")
         finally:
             store.close()
-        source = f"the latest {len(scores):,} audited scores"
+        source = source.format(len(feats))
     if not len(feats):
         raise click.ClickException("no recent events to compare: pass --data or score some items first")
     if not (bundle.reference or {}).get("features"):
         raise click.ClickException(f"the {domain} champion has no drift reference: retrain it with this version")
     report = drift_report(bundle.reference, feats, scores)
-    summary = drift_summary(report, items=len(scores), min_items=min_items)
+    summary = drift_summary(report, items=len(feats), min_items=min_items)
     if as_json:
-        click.echo(json.dumps({"domain": domain, "source": source, "items": len(scores), **summary,
+        click.echo(json.dumps({"domain": domain, "source": source, "items": len(feats), **summary,
                                "report": report.to_dict(orient="records")}, indent=1))
     else:
-        click.echo(f"{domain}: {len(scores):,} recent items ({source}) against {bundle.reference.get('rows', '?')} "
+        click.echo(f"{domain}: {len(feats):,} recent items ({source}) against {bundle.reference.get('rows', '?')} "
                    f"rows of the {bundle.reference.get('window', 'training')} window")
         click.echo(report.head(20).to_string(index=False))
         learned = [name for name, prof in bundle.reference["features"].items() if prof.get("watch_only")]
@@ -166,7 +169,7 @@ def drift_cmd(domain: str, in_path: str | None, window: int, as_json: bool, fail
             click.echo(f"(learned outcome rates, at most `watch`: {', '.join(learned)}; their values move as outcomes "
                        "accrue)")
         click.echo({"retrain": "retraining is due", "watch": "drift to watch", "ok": "no drift",
-                    "insufficient": f"too few items for a verdict ({len(scores):,} < {min_items:,}, --min-items)"}[
+                    "insufficient": f"too few items for a verdict ({len(feats):,} < {min_items:,}, --min-items)"}[
                        summary["status"]])
     if fail_on_retrain and summary["retrain_due"]:
         raise SystemExit(3)

@@ -238,6 +238,7 @@ def test_drift_sees_features_that_sit_mostly_on_one_value_move():
                          "count": np.where(rng.random(2000) < 0.92, 0, rng.poisson(3, 2000) + 1).astype(float),
                          "constant": np.zeros(2000)})
     assert (drift_report(ref, same, rng.beta(1, 20, 2000))["status"] == "ok").all()
+    assert "score" not in set(drift_report(ref, same, None)["name"])  # another model's scores: features only
     moved = pd.DataFrame({"flag": (rng.random(2000) < 0.5).astype(float),
                           "count": np.where(rng.random(2000) < 0.4, 0, rng.poisson(3, 2000) + 1).astype(float),
                           "constant": np.ones(2000)})

@@ -89,15 +89,17 @@ def feature_psi(profile: dict, values: pd.Series) -> float:
     return psi(expected, _numeric_shares(numeric, edges, points))
 
 
-def drift_report(profile: dict, features: pd.DataFrame, scores: np.ndarray) -> pd.DataFrame:
-    """PSI per feature and for the score, with a status: ok, watch (>= 0.1) or retrain (>= 0.25; ``watch`` for
-    the profile's ``watch_only`` features, the learned outcome rates of :func:`reference_profile`)."""
+def drift_report(profile: dict, features: pd.DataFrame, scores: np.ndarray | None) -> pd.DataFrame:
+    """PSI per feature and for the score (unless ``scores`` is None: another model's), with a status: ok, watch
+    (>= 0.1) or retrain (>= 0.25; ``watch`` for the profile's ``watch_only`` features, the learned outcome rates of
+    :func:`reference_profile`)."""
     rows = [
         {"name": col, "psi": feature_psi(prof, features[col]), "watch_only": bool(prof.get("watch_only"))}
         for col, prof in profile["features"].items()
         if col in features.columns
     ]
-    rows.append({"name": "score", "psi": feature_psi(profile["score"], pd.Series(scores)), "watch_only": False})
+    if scores is not None:
+        rows.append({"name": "score", "psi": feature_psi(profile["score"], pd.Series(scores)), "watch_only": False})
     report = pd.DataFrame(rows)
     report["status"] = np.select(
         [(report["psi"] >= PSI_RETRAIN) & ~report["watch_only"], report["psi"] >= PSI_WATCH], ["retrain", "watch"],
