@@ -16,6 +16,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -775,36 +776,52 @@ class AuditStore:
     # -- outcomes --------------------------------------------------------------------------------------
     def record_outcome(self, score_id: str, outcome: str, note: str | None, decided_by: str, agency: str,
                        decided_at: dt.datetime | None = None) -> dict:
-        """Store a reviewer's decision (one per score); returns the stored row."""
+        """Store a reviewer's decision; returns the stored row.
+
+        One decision per event: an event scored more than once (each scoring has its own score id) takes the
+        first decision on any of its scores, and a second one is refused (:class:`OutcomeExists`), so training
+        and the online state get one label per event."""
         row = {"score_id": score_id, "outcome": outcome, "note": note, "decided_by": decided_by,
                "agency": agency, "decided_at": decided_at or utcnow()}
+        same_event = scores.alias("same_event")
+        earlier = (sa.select(outcomes.c.score_id)
+                   .join(same_event, outcomes.c.score_id == same_event.c.score_id)
+                   .join(scores, sa.and_(scores.c.domain == same_event.c.domain,
+                                         scores.c.event_id == same_event.c.event_id))
+                   .where(scores.c.score_id == score_id).limit(1))
         try:
             with self.write_lock, self.engine.begin() as conn:
+                if (other := conn.execute(earlier).scalar()) is not None:
+                    raise OutcomeExists(f"score {score_id} already has an outcome" if other == score_id else
+                                        f"the event of score {score_id} already has an outcome (on score {other})")
                 row["seq"] = conn.execute(outcomes.insert().values(**row)).inserted_primary_key[0]
         except IntegrityError:
             raise OutcomeExists(f"score {score_id} already has an outcome") from None
         return row
 
     # -- exports for training and replay ---------------------------------------------------------------
-    def _decided(self, domain: str, after_outcome_seq: int = 0) -> list[sa.Row]:
+    def _decided(self, domain: str, skip_event_ids: Collection[str] = ()) -> list[sa.Row]:
+        """The first decision on each event of ``domain`` (see :meth:`record_outcome`), except on ``skip_event_ids``."""
         query = (
-            sa.select(scores.c.score_id, scores.c.created_at, scores.c.input_json, outcomes.c.seq,
-                      outcomes.c.outcome, outcomes.c.note, outcomes.c.decided_at)
+            sa.select(scores.c.score_id, scores.c.event_id, scores.c.created_at, scores.c.input_json,
+                      outcomes.c.seq, outcomes.c.outcome, outcomes.c.note, outcomes.c.decided_at)
             .join(outcomes, outcomes.c.score_id == scores.c.score_id)
-            .where(scores.c.domain == domain, outcomes.c.seq > after_outcome_seq)
+            .where(scores.c.domain == domain)
             .order_by(outcomes.c.seq)
         )
         with self.engine.connect() as conn:
-            return list(conn.execute(query))
+            return first_decisions(conn.execute(query), set(skip_event_ids))
 
-    def export_cases(self, domain: str, after_outcome_seq: int = 0) -> pd.DataFrame:
-        """Reviewer outcomes as rows of the ``cases`` contract (one per entity of the scored event)."""
-        return _cases(domain, self._decided(domain, after_outcome_seq))
+    def export_cases(self, domain: str, skip_event_ids: Collection[str] = ()) -> pd.DataFrame:
+        """Reviewer outcomes as rows of the ``cases`` contract (one per entity of the scored event); none for
+        ``skip_event_ids`` (events with a label of their own in the data)."""
+        return _cases(domain, self._decided(domain, skip_event_ids))
 
-    def export_labelled_events(self, domain: str, after_outcome_seq: int = 0) -> pd.DataFrame:
+    def export_labelled_events(self, domain: str, skip_event_ids: Collection[str] = ()) -> pd.DataFrame:
         """Scored events with their reviewer outcome as the label column (1 = confirmed), contract dtypes, and
-        ``label_known_at`` (the decision time: features of later events see the label from then on)."""
-        return _labelled(domain, self._decided(domain, after_outcome_seq))
+        ``label_known_at`` (the decision time: features of later events see the label from then on); none for
+        ``skip_event_ids``."""
+        return _labelled(domain, self._decided(domain, skip_event_ids))
 
     def recent_features(self, domain: str, limit: int = 5000, model_version: str | None = None,
                         ) -> tuple[pd.DataFrame, np.ndarray]:
@@ -830,7 +847,8 @@ class AuditStore:
         mine = scores.c.domain == domain
         score_q = sa.select(scores.c.seq, scores.c.event_id, mine.label("mine"),
                             sa.type_coerce(sa.case((mine, scores.c.input_json)), sa.JSON).label("input_json"))
-        outcome_q = (sa.select(outcomes.c.seq, mine.label("mine"), scores.c.score_id, scores.c.created_at,
+        outcome_q = (sa.select(outcomes.c.seq, mine.label("mine"), scores.c.score_id, scores.c.event_id,
+                               scores.c.created_at,
                                sa.type_coerce(sa.case((mine, scores.c.input_json)), sa.JSON).label("input_json"),
                                outcomes.c.outcome, outcomes.c.note, outcomes.c.decided_at)
                      .join(scores, outcomes.c.score_id == scores.c.score_id))
@@ -842,6 +860,19 @@ class AuditStore:
         return Replay(domain=domain, event_rows=_first_scorings([r for r in score_rows if r.mine]),
                       decided=[r for r in outcome_rows if r.mine], score_seqs=[r.seq for r in score_rows],
                       outcome_seqs=[r.seq for r in outcome_rows])
+
+
+def first_decisions(rows, skip_event_ids: set[str], decided: set[str] | None = None) -> list[sa.Row]:
+    """Outcome rows (in seq order) of events not in ``skip_event_ids`` nor ``decided``, the first one of each event:
+    an event has one label (a second decision is refused when written; this also covers stores written before).
+    ``decided`` (event ids already applied) is updated."""
+    decided = set() if decided is None else decided
+    out = []
+    for row in rows:
+        if row.event_id not in decided and row.event_id not in skip_event_ids:
+            decided.add(row.event_id)
+            out.append(row)
+    return out
 
 
 def _first_scorings(rows: list[sa.Row]) -> list[dict]:

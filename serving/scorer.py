@@ -23,6 +23,7 @@ the audit store before its request, whichever process scored it. Idle scorers ca
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import logging
@@ -41,7 +42,16 @@ from features.domains import events_of
 from features.domains import feature_set as domain_feature_set
 from features.featureset import OnlineFeatures
 from riskscore import config
-from serving.audit import AuditStore, IdempotencyConflict, Replay, SeqCursor, events_frame, jsonable, utcnow
+from serving.audit import (
+    AuditStore,
+    IdempotencyConflict,
+    Replay,
+    SeqCursor,
+    events_frame,
+    first_decisions,
+    jsonable,
+    utcnow,
+)
 from serving.domains import domain_info
 from serving.fast_path import DEFAULT_TOP_N, explain, feature_columns_in_time_order, feature_records, ingest_columns
 from serving.models import RequestError, item_columns, stored_item_columns
@@ -198,7 +208,9 @@ class DomainScorer:
         self.model_version = model_version
         self.online = online
         self.fs = online.fs
-        self.seen_ids: set[str] = set()  # event ids in the state: each counts once, whoever scores it again
+        self.history_ids: set[str] = set()  # event ids of the data: their labels are the data's, not reviewers'
+        self.seen_ids: set[str] = set()  # other event ids in the state: each counts once, whoever scores it again
+        self.decided_ids: set[str] = set()  # event ids with a reviewer outcome in the state (the first one counts)
         self.lock = threading.RLock()
         self.retired = False
         self.stale = False  # the state may differ from the audit store: refuse requests until rebuilt
@@ -231,7 +243,7 @@ class DomainScorer:
         online = fs.online(events, cases)
         scorer = cls(domain, bundle, name, version, online)
         if events is not None:
-            scorer.seen_ids.update(events[fs.id_col].astype(str))
+            scorer.history_ids = set(events[fs.id_col].astype(str))
         scorer.apply_replay(audit.replay(domain, scorer.score_cursor, scorer.outcome_cursor))
         log.info("domain %s: champion %s v%s ready with %d history events in %.1fs", domain, name, version,
                  online.events_seen, time.perf_counter() - started)
@@ -239,18 +251,25 @@ class DomainScorer:
 
     def apply_replay(self, replay: Replay) -> None:
         """Ingest audited events not in the state yet (by id), outcome labels (dated by their decision) and cases
-        into the state, and move the cursors past what the replay read."""
-        rows = [r for r in replay.event_rows if str(r.get(self.fs.id_col)) not in self.seen_ids]
+        into the state, and move the cursors past what the replay read. As in training, an event takes its first
+        reviewer decision, and none if the data has the event (the data's label counts)."""
+        rows = [r for r in replay.event_rows if not self.in_state(str(r.get(self.fs.id_col)))]
         self.seen_ids.update(str(r.get(self.fs.id_col)) for r in rows)
         if len(rows) > CATCH_UP_FRAME_ROWS:
             self.online.ingest(events_frame(self.domain, rows))
         elif rows:
             ingest_columns(self.online, stored_item_columns(self.domain, rows))
-        if replay.decided:
-            self.online.ingest_labels(replay.labelled)  # known from max(event time + delay, decision time)
-            self.online.ingest_cases(replay.cases)
+        decided = first_decisions(replay.decided, self.history_ids, self.decided_ids)  # as training reads them
+        if decided:
+            kept = dataclasses.replace(replay, decided=decided)
+            self.online.ingest_labels(kept.labelled)  # known from max(event time + delay, decision time)
+            self.online.ingest_cases(kept.cases)
         self.score_cursor.mark(replay.score_seqs)
         self.outcome_cursor.mark(replay.outcome_seqs)
+
+    def in_state(self, event_id: str) -> bool:
+        """Whether the state holds the event already (from the data or scored before)."""
+        return event_id in self.history_ids or event_id in self.seen_ids
 
     def catch_up(self, audit: AuditStore) -> None:
         """Ingest what other workers and replicas recorded since the last read (caller holds ``self.lock``).
@@ -280,7 +299,7 @@ class DomainScorer:
         try:  # from here the state holds the batch: any failure before the commit leaves it stale
             rows = [item.model_dump(mode="json") for item in items]
             ids = [str(row[self.info.id_col]) for row in rows]
-            new = [i not in self.seen_ids for i in ids]
+            new = [not self.in_state(i) for i in ids]
             feats = feature_columns_in_time_order(self.online, item_columns(self.domain, items),
                                                   None if all(new) else new)
             self.seen_ids.update(ids)

@@ -403,3 +403,73 @@ def test_capacity_and_target_precision_are_shares(first, customs_dir):
     tags = client().get_run(run.run_id).data.tags
     reached = float(tags["calibration_precision_at_threshold"])
     assert tags["target_precision_reached"] == str(reached >= 0.999).lower()
+
+
+def _audited_transfer(store, score_id: str, item: dict, at) -> None:
+    """One scoring of ``item`` (a finance API item) written to ``store`` as the service writes it."""
+    request = {"request_id": f"r-{score_id}", "created_at": at, "domain": "finance", "caller_key_id": "k1",
+               "agency": "A", "idempotency_key": None, "body_sha256": "0" * 64, "items": 1}
+    store.record_scores(request, [{
+        "score_id": score_id, "request_id": f"r-{score_id}", "item_index": 0, "created_at": at, "domain": "finance",
+        "event_id": item["transaction_id"], "caller_key_id": "k1", "agency": "A", "model_name": "m",
+        "model_version": "1", "input_json": item, "features_json": {}, "score": 0.5, "band": "high",
+        "flagged": True, "threshold": 0.1, "explanation_json": {}}], {})
+
+
+@pytest.mark.parametrize("case", ["scored_twice", "in_the_data"])
+def test_one_label_per_event_in_training_and_serving(tmp_path, case):
+    """An event has one label, the same in training and in the online state: the first reviewer decision on any
+    of its scorings (a second one is refused), and none if the data has the event (the data's label counts).
+    Training used to get two rows for an event decided twice and the service a second label for an event of the
+    data, so later events' features differed between the two."""
+    import datetime as dt
+
+    from features.datasets import load_dataset
+    from features.domains import feature_set
+    from serving.audit import AuditStore, OutcomeExists, outcomes
+    from serving.fast_path import feature_columns_in_time_order
+    from serving.models import Transfer, item_columns
+    from serving.scorer import DomainScorer
+    from training.pipeline import load_training_data
+
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    store = AuditStore(url)
+    first = {"transaction_id": "T-1", "timestamp": "2023-06-25T00:00:00", "source_account": "ACC-A",
+             "target_account": "ACC-B", "amount": 9500.0, "currency": "USD", "channel": "wire",
+             "source_country": "US", "target_country": "GB"}
+    later = {**first, "transaction_id": "T-2", "timestamp": "2023-06-26T00:00:00", "target_account": "ACC-C"}
+    scored_at, decided_at = dt.datetime(2023, 6, 25, 1), dt.datetime(2023, 6, 25, 2)
+    rows = [{**later, "is_laundering": pd.NA}] + ([{**first, "is_laundering": 0}] if case == "in_the_data" else [])
+    pd.DataFrame(rows).to_csv(tmp_path / "data.csv", index=False)
+    _audited_transfer(store, "s0", first, scored_at)
+    store.record_outcome("s0", "confirmed", None, "k1", "A", decided_at=decided_at)
+    if case == "scored_twice":
+        _audited_transfer(store, "s1", first, scored_at)
+        with pytest.raises(OutcomeExists, match=r"already has an outcome \(on score s0\)"):
+            store.record_outcome("s1", "cleared", None, "k1", "A", decided_at=decided_at)
+        with store.engine.begin() as conn:  # a store written before the refusal: the first decision counts
+            conn.execute(outcomes.insert().values(score_id="s1", outcome="cleared", note=None, decided_by="k1",
+                                                  agency="A", decided_at=decided_at))
+    fs = feature_set("finance", 0.0)
+    data = load_dataset("finance", tmp_path / "data.csv", 0.0)
+    history = data.transactions[data.transactions["transaction_id"] == "T-1"]
+    scorer = DomainScorer("finance", None, "m", "1", fs.online(history, data.cases))
+    scorer.history_ids = set(history["transaction_id"].astype(str))
+    scorer.apply_replay(store.replay("finance"))
+    online = feature_columns_in_time_order(scorer.online, item_columns("finance", [Transfer.model_validate(later)]),
+                                           [False])
+    train_data = load_training_data("finance", tmp_path / "data.csv", TrainConfig(label_delay_days=0.0,
+                                                                                  audit_url=url))
+    store.close()
+    assert train_data.events["transaction_id"].tolist().count("T-1") == 1
+    batch = fs.build(train_data.events, train_data.cases)
+    row = batch[(train_data.events["transaction_id"] == "T-2").to_numpy()].iloc[0]
+    label = 1.0 if case == "scored_twice" else 0.0  # the reviewer's first decision; the data's label
+    assert row["src_out_labelled"] == 1.0 and row["src_out_label_rate"] == online["src_out_label_rate"][0]
+    assert float(online["src_out_labelled"][0]) == 1.0
+    for name in fs.names:
+        if isinstance(row[name], str):
+            assert str(online[name][0]) == row[name], name
+        else:
+            assert float(online[name][0]) == pytest.approx(float(row[name]), nan_ok=True), name
+    assert (row["src_out_label_rate"] > 0.3) == (label == 1.0)

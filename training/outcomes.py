@@ -8,6 +8,7 @@ event's entities (known from the decision time on) and the scored event itself a
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,10 @@ def audit_store_exists(url: str) -> bool:
     return bool(parsed.database) and parsed.database != ":memory:" and Path(parsed.database).exists()
 
 
-def read_reviewer_outcomes(domain: str, url: str | None = None) -> ReviewerOutcomes | None:
-    """Cases and labelled events of ``domain`` decided by reviewers, or ``None`` without an audit store."""
+def read_reviewer_outcomes(domain: str, url: str | None = None, skip_event_ids: Collection[str] = (),
+                           ) -> ReviewerOutcomes | None:
+    """Cases and labelled events of ``domain`` decided by reviewers (the first decision on each event; none on
+    ``skip_event_ids``, the events of the data, which keep the data's label), or ``None`` without an audit store."""
     url = url or config.audit_url()
     if not audit_store_exists(url):
         return None
@@ -40,6 +43,7 @@ def read_reviewer_outcomes(domain: str, url: str | None = None) -> ReviewerOutco
 
     store = AuditStore(url)
     try:
-        return ReviewerOutcomes(cases=store.export_cases(domain), events=store.export_labelled_events(domain))
+        return ReviewerOutcomes(cases=store.export_cases(domain, skip_event_ids),
+                                events=store.export_labelled_events(domain, skip_event_ids))
     finally:
         store.close()

@@ -228,12 +228,12 @@ def load_training_data(domain: str, data_path: str | Path | Sequence[str | Path]
         reviewer = read_table(Path(config.cases_path), "cases")
         cases = merge_cases(reviewer, cases)
     n_reviewed = 0
-    if config.reviewer_outcomes and (reviewed := read_reviewer_outcomes(domain, config.audit_url)) is not None:
-        cases = merge_cases(reviewed.cases, cases)
-        new = reviewed.events[~reviewed.events[fs_id].isin(events[fs_id])]
-        if len(new):
-            events = pd.concat([events, new], ignore_index=True)
-        n_reviewed = len(new)
+    if config.reviewer_outcomes and (reviewed := read_reviewer_outcomes(
+            domain, config.audit_url, skip_event_ids=set(events[fs_id].astype(str)))) is not None:
+        cases = merge_cases(reviewed.cases, cases)  # events of the data keep the data's label and cases
+        if len(reviewed.events):
+            events = pd.concat([events, reviewed.events], ignore_index=True)
+        n_reviewed = len(reviewed.events)
     accounts = None
     if domain == "finance":
         accounts = pd.concat([d.accounts for d in datasets], ignore_index=True).drop_duplicates(
