@@ -60,6 +60,9 @@ class AuthError(Exception):
         self.retry_after = retry_after
 
 
+MAX_AGENCY = 64
+
+
 @dataclass(frozen=True)
 class KeyEntry:
     """A stored key: its hash, role and agency; ``id`` is a public hash prefix used in audit rows."""
@@ -78,6 +81,8 @@ class KeyEntry:
             raise ValueError("a key entry's sha256 must be 64 lower-case hex digits")
         if not self.agency.strip():
             raise ValueError("a key entry needs an agency")
+        if len(self.agency) > MAX_AGENCY:  # the audit store's agency columns
+            raise ValueError(f"a key entry's agency must be at most {MAX_AGENCY} characters")
         if not self.id:
             object.__setattr__(self, "id", self.sha256[:12])
         if not KEY_ID.fullmatch(self.id):

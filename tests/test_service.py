@@ -600,6 +600,8 @@ def test_key_ids_are_unique_and_fit_the_audit_trail():
         auth.KeyStore(auth._entries([{"sha256": one, "role": "customs", "agency": a} for a in "AB"]), "keys.json")
     with pytest.raises(ValueError, match="1 to 16"):
         auth._entries([{**desk, "sha256": one, "agency": "A", "id": "a-desk-name-longer-than-16"}])
+    with pytest.raises(ValueError, match="at most 64"):  # the agency columns: PostgreSQL refused every write
+        auth._entries([{**desk, "sha256": one, "agency": "A" * 65}])
     store = auth.KeyStore(auth._entries([{**desk, "sha256": one, "agency": "A"}, {"sha256": two, "role": "customs",
                                                                                  "agency": "B"}]), "keys.json")
     assert [e.id for e in store.entries] == ["customs-desk", two[:12]]
