@@ -107,7 +107,7 @@ class ModelBundle:
         out = []
         for i in range(len(X)):
             row = contrib[i, :-1]
-            order = np.argsort(-np.abs(row))[:top_n]
+            order = np.argsort(-np.abs(row), kind="stable")[:top_n]
             reasons = [
                 Reason(
                     feature=self.feature_names[j],
