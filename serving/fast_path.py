@@ -256,7 +256,7 @@ def explain(bundle, features, top_n: int = DEFAULT_TOP_N) -> list:
     labels = [bundle.feature_labels.get(n, n) for n in names]
     values: dict[int, list] = {}
     shap = contrib[:, :-1]
-    top = np.argsort(-np.abs(shap), axis=1, kind="stable")[:, :top_n].tolist()  # one call for the batch, not one per row
+    top = np.argsort(-np.abs(shap), axis=1, kind="stable")[:, :top_n].tolist()  # one call for the batch
     rows, margins, bases, scores = shap.tolist(), margins.tolist(), contrib[:, -1].tolist(), scores.tolist()
     threshold = bundle.threshold
     out = []

@@ -280,6 +280,26 @@ def test_shuffled_labels_give_chance_auc(store, tmp_path):
         assert abs(result.metrics["full"][window]["roc_auc"] - 0.5) < 0.05, window
 
 
+def test_shuffled_labels_leave_no_case_with_a_true_outcome(customs_dir):
+    """Every case of the shuffled run comes from the shuffled labels: a reviewer's or a case file's case carries
+    the true outcome of its entities, and kept, it let the true labels back into the features."""
+    from features.datasets import empty_cases, load_dataset
+    from training.pipeline import TrainData, shuffle_labels
+
+    loaded = load_dataset("customs", customs_dir, 7.0)
+    events = loaded.declarations
+    reviewer = empty_cases().iloc[:0]
+    reviewer = pd.concat([reviewer, pd.DataFrame([{
+        "case_id": "s1:importer_id", "entity_kind": "importer", "entity_id": str(events["importer_id"].iloc[0]),
+        "opened_at": events["date"].iloc[0], "closed_at": events["date"].iloc[0], "outcome": "confirmed",
+        "source": "reviewer", "note": None}])], ignore_index=True)
+    data = TrainData(events=events, cases=pd.concat([loaded.cases, reviewer], ignore_index=True), accounts=None,
+                     from_eval=np.zeros(len(events), bool), paths=[])
+    shuffled = shuffle_labels("customs", data, "fraud", seed=0, delay=7.0)
+    assert set(shuffled.cases["source"].astype(str)) == {"derived"}
+    assert not shuffled.events["fraud"].equals(events["fraud"])
+
+
 def test_finance_account_metrics(store, tmp_path):
     data = generate("finance", 4000, seed=5, out_dir=tmp_path / "fin", positive_rate=0.1, progress=False)
     result = train("finance", data, config=replace(CONFIG, track=False))

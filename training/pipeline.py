@@ -247,17 +247,16 @@ def load_training_data(domain: str, data_path: str | Path | Sequence[str | Path]
 
 
 def shuffle_labels(domain: str, data: TrainData, label_col: str, seed: int, delay: float | None) -> TrainData:
-    """Labels permuted among labelled events and derived cases re-derived from them (leakage guard)."""
+    """Labels permuted among labelled events, and every case derived from the permuted labels (leakage guard):
+    cases of other sources (reviewer outcomes, ``--cases``, the dataset's own) carry the true outcomes and are
+    dropped."""
     events = data.events.copy()
     labelled = np.flatnonzero(events[label_col].notna().to_numpy())
     rng = np.random.default_rng([seed, 7])
     values = events[label_col].to_numpy(copy=True)
     values[labelled] = values[rng.permutation(labelled)]
     events[label_col] = pd.array(values, dtype=events[label_col].dtype)
-    source = data.cases["source"] if "source" in data.cases else pd.Series("", index=data.cases.index)
-    kept = data.cases[(source.astype("string").fillna("") != "derived").to_numpy(bool)]
-    cases = merge_cases(kept.reset_index(drop=True), derive_cases(domain, events, delay))
-    return replace(data, events=events, cases=cases)
+    return replace(data, events=events, cases=derive_cases(domain, events, delay))
 
 
 def fingerprint(events: pd.DataFrame, fs: FeatureSet) -> str:
