@@ -288,11 +288,10 @@ def test_shuffled_labels_leave_no_case_with_a_true_outcome(customs_dir):
 
     loaded = load_dataset("customs", customs_dir, 7.0)
     events = loaded.declarations
-    reviewer = empty_cases().iloc[:0]
-    reviewer = pd.concat([reviewer, pd.DataFrame([{
+    reviewer = pd.DataFrame([{
         "case_id": "s1:importer_id", "entity_kind": "importer", "entity_id": str(events["importer_id"].iloc[0]),
         "opened_at": events["date"].iloc[0], "closed_at": events["date"].iloc[0], "outcome": "confirmed",
-        "source": "reviewer", "note": None}])], ignore_index=True)
+        "source": "reviewer", "note": None}]).astype(empty_cases().dtypes.to_dict())
     data = TrainData(events=events, cases=pd.concat([loaded.cases, reviewer], ignore_index=True), accounts=None,
                      from_eval=np.zeros(len(events), bool), paths=[])
     shuffled = shuffle_labels("customs", data, "fraud", seed=0, delay=7.0)
