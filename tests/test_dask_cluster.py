@@ -90,3 +90,57 @@ def test_train_on_a_separately_started_cluster(scheduler: str, tmp_path) -> None
     params = run.data.params
     assert params.get("engine") == "dask" and params.get("chosen.dask_workers") == "2", params
     assert run.data.metrics["test_pr_auc"] > 0.3, run.data.metrics
+
+
+def test_workers_that_run_the_project_pass_the_check(scheduler: str) -> None:
+    from training.dask_train import check_workers
+
+    with Client(scheduler, timeout=60) as client:
+        check_workers(client, timeout=30)  # same environment: imports work, versions match
+
+
+def test_an_address_that_is_not_a_scheduler_fails_within_the_timeout() -> None:
+    """An address that accepts connections but never speaks Dask (a dashboard, a wrong port) hung the training
+    command for ever; it now fails with one line after the connect timeout."""
+    import socket
+    import threading
+
+    from training.dask_train import DaskClusterError, connect
+
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])  # and never answer
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(DaskClusterError, match="no Dask scheduler answered"):
+            connect(f"tcp://127.0.0.1:{server.getsockname()[1]}", timeout=2)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in accepted:
+            conn.close()
+        server.close()
+    assert time.monotonic() - started < 30
+
+
+def test_scheduler_without_the_dask_engine_is_a_usage_error() -> None:
+    from click.testing import CliRunner
+
+    from training.cli import train_cmd
+    from training.pipeline import TrainConfig
+
+    result = CliRunner().invoke(train_cmd, ["--domain", "finance", "--data", ".", "--scheduler", "tcp://127.0.0.1:9"])
+    assert result.exit_code == 2 and "--scheduler needs --engine dask" in result.output
+    with pytest.raises(ValueError, match="only used with engine = dask"):
+        TrainConfig(scheduler="tcp://127.0.0.1:9")

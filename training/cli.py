@@ -101,6 +101,8 @@ def train_cmd(ctx: click.Context, config_file: Path | None, **flags) -> None:
         data = data or train_path
         if not data:
             raise click.UsageError("--data (or --train with --eval) is required")
+        if flags.get("scheduler") and (given.get("engine") or settings.get("engine")) != "dask":
+            raise click.UsageError("--scheduler needs --engine dask")
         overrides = {k: v for k, v in flags.items() if k not in ("domain", "data", "train_path")}
         overrides = {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()
                      if k in given or (config_file is None and v is not None)}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import threading
 import time
 import warnings
 from dataclasses import asdict
@@ -38,9 +39,22 @@ STEP = 10  # best iteration chosen on a grid of this many trees
 _OWNED: list = []  # clusters/clients started here, closed at exit
 
 
-def connect(scheduler: str | None = None, n_workers: int = 2, threads_per_worker: int = 1):
+CONNECT_TIMEOUT_S = 30.0  # longest wait for a scheduler to answer (and for its workers to report)
+
+
+class DaskClusterError(RuntimeError):
+    """The Dask cluster cannot be used: no scheduler answers, or its workers cannot run the project."""
+
+
+def connect(scheduler: str | None = None, n_workers: int = 2, threads_per_worker: int = 1,
+            timeout: float = CONNECT_TIMEOUT_S):
     """A ``distributed.Client``: to ``scheduler`` (``tcp://host:8786``), else the current default client, else a
-    ``LocalCluster`` of ``n_workers`` processes started in-process (closed when the process exits)."""
+    ``LocalCluster`` of ``n_workers`` processes started in-process (closed when the process exits).
+
+    A scheduler must answer within ``timeout`` seconds (an address that accepts connections but does not speak
+    Dask's protocol, such as its dashboard, hangs the client otherwise) and its workers must import this project
+    with the same versions of it and of LightGBM (:func:`check_workers`); else :class:`DaskClusterError`.
+    """
     from distributed import Client, LocalCluster, default_client
 
     try:
@@ -50,14 +64,65 @@ def connect(scheduler: str | None = None, n_workers: int = 2, threads_per_worker
     except ValueError:
         pass
     if scheduler:
-        client = Client(scheduler)
+        client = _within(timeout, lambda: Client(scheduler, timeout=timeout),
+                         f"no Dask scheduler answered at {scheduler} within {timeout:g}s")
+        _OWNED.insert(0, client)
+        check_workers(client, timeout)
     else:
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
                                dashboard_address=None)
         _OWNED.append(cluster)
         client = Client(cluster)
-    _OWNED.insert(0, client)
+        _OWNED.insert(0, client)
     return client
+
+
+def _within(timeout: float, make, message: str):
+    """``make()`` in a daemon thread, waited for at most ``timeout`` seconds (a hung connect is left behind)."""
+    done: dict = {}
+
+    def run() -> None:
+        try:
+            done["value"] = make()
+        except BaseException as err:  # handed to the caller
+            done["error"] = err
+
+    thread = threading.Thread(target=run, name="riskscore-dask-connect", daemon=True)
+    thread.start()
+    thread.join(timeout + 5)
+    if "error" in done:
+        raise DaskClusterError(f"{message}: {done['error']}") from done["error"]
+    if "value" not in done:
+        raise DaskClusterError(message)
+    return done["value"]
+
+
+def _worker_versions() -> dict[str, str]:
+    """Run on each worker: import what the Dask path runs there and report the versions that must match."""
+    import importlib
+    from importlib.metadata import version
+
+    for module in ("features.dask_engine", "training.dask_train"):
+        importlib.import_module(module)
+    return {"riskscore": version("riskscore"), "lightgbm": version("lightgbm")}
+
+
+def check_workers(client, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """:class:`DaskClusterError` unless the cluster has workers that import this project with the versions of this
+    process (the features and LightGBM's network run there)."""
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except Exception as err:
+        raise DaskClusterError(f"the Dask scheduler has no workers (waited {timeout:g}s)") from err
+    found = client.run(_worker_versions, on_error="return")
+    mine = _worker_versions()
+    for worker, versions in sorted(found.items()):
+        if isinstance(versions, BaseException):
+            raise DaskClusterError(f"Dask worker {worker} cannot run riskscore ({type(versions).__name__}: "
+                                   f"{versions}): install this project with its dask extra on every worker")
+        if versions != mine:
+            raise DaskClusterError(f"Dask worker {worker} has {versions}, this process {mine}: install the same "
+                                   "versions on every worker")
 
 
 @atexit.register

@@ -88,6 +88,10 @@ class TrainConfig:
             raise ValueError(f"capacity is a share of the events: 0 < capacity <= 1 (got {self.capacity})")
         if self.target_precision is not None and not 0 < self.target_precision <= 1:
             raise ValueError(f"target precision must be in (0, 1] (got {self.target_precision})")
+        if self.engine not in ("pandas", "dask"):
+            raise ValueError(f"engine must be pandas or dask, not {self.engine!r}")
+        if self.scheduler and self.engine != "dask":
+            raise ValueError("a Dask scheduler is only used with engine = dask (--engine dask)")
 
     def lgbm_config(self) -> LGBMConfig:
         return replace(self.lgbm, seed=self.seed, num_threads=self.num_threads)
@@ -416,19 +420,20 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
         clock = now
 
     fs = domain_feature_set(domain, config.label_delay_days)
+    client = None
+    if config.engine == "dask":  # before the data: an unreachable cluster fails at once
+        from training.dask_train import connect
+
+        client = connect(config.scheduler)
     data = load_training_data(domain, data_path, config)
     if fs.label_col not in data.events:
         raise ValueError(f"the data has no label column {fs.label_col!r}: cannot train")
     if config.shuffle_labels:
         data = shuffle_labels(domain, data, fs.label_col, config.seed, config.label_delay_days)
     lap("load")
-    if config.engine not in ("pandas", "dask"):
-        raise ValueError(f"engine must be pandas or dask, not {config.engine!r}")
     if config.engine == "dask":
         from features import dask_engine
-        from training.dask_train import connect
 
-        client = connect(config.scheduler)
         features = dask_engine.build(fs, data.events, data.cases, client=client)
         numeric = [n for n in fs.names if n not in set(fs.categorical)]
         features = features.astype(dict.fromkeys(numeric, np.dtype(config.feature_dtype)))  # as fs.build(dtype=)
