@@ -130,6 +130,26 @@ def finance_dir(tmp_path_factory) -> Path:
                     progress=False)
 
 
+def test_training_data_goes_to_the_workers_once_not_through_the_graph(client):
+    """Each worker gets one contiguous block, scattered to it; the task graph LightGBM's fit submits only refers to
+    them (the matrix used to travel inside it, through the scheduler, on every fit of a search)."""
+    import pickle
+
+    from training.dask_train import _to_dask
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(20_000, 20)), columns=[f"f{i}" for i in range(20)])
+    X, y = _to_dask(client, frame, (rng.random(20_000) < 0.1).astype(float))
+    assert len(pickle.dumps(dict(X.__dask_graph__()))) < 10_000 < frame.memory_usage().sum()
+    workers = sorted(client.scheduler_info()["workers"])
+    blocks = X.to_delayed()
+    assert len(blocks) == len(workers) == 2
+    pd.testing.assert_frame_equal(pd.concat(client.compute(blocks, sync=True)), frame)
+    assert np.array_equal(pd.concat(client.compute(y.to_delayed(), sync=True)).index, frame.index)
+    held = {next(iter(w)) for w in client.who_has().values() if w}
+    assert held <= set(workers)
+
+
 def test_dask_lgbm_quality_matches_pandas(client, finance_dir):
     config = TrainConfig(seed=0, quiet=True, lgbm=FAST)
     fs = feature_set("finance")

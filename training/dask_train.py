@@ -132,13 +132,24 @@ def _close() -> None:
             _OWNED.pop(0).close()
 
 
-def _to_dask(frame: pd.DataFrame, y: np.ndarray, parts: int):
+def _to_dask(client, frame: pd.DataFrame, y: np.ndarray):
+    """``frame`` and ``y`` as Dask collections of one contiguous row block per worker, each scattered to its worker
+    (workers by address): the data goes to the workers once, not through the scheduler inside the task graph
+    (15.6 MiB of graph for 25,000 rows), and block *i* always lands on the *i*-th worker."""
     import dask.dataframe as dd
 
-    n = max(1, min(parts, len(frame)))
-    X = dd.from_pandas(frame, npartitions=n, sort=True)
-    target = dd.from_pandas(pd.Series(y, index=frame.index, name="label"), npartitions=n, sort=True)
-    return X, target
+    workers = sorted(client.scheduler_info()["workers"])
+    n = max(1, min(len(workers), len(frame)))
+    bounds = np.linspace(0, len(frame), n + 1).astype(int)
+    xs, ys = [], []
+    for i in range(n):
+        part = frame.iloc[bounds[i]:bounds[i + 1]]
+        label = pd.Series(y[bounds[i]:bounds[i + 1]], index=part.index, name="label")
+        where = [workers[i]] if workers else None
+        xs.append(client.scatter(part, workers=where))
+        ys.append(client.scatter(label, workers=where))
+    return (dd.from_delayed(xs, meta=frame.iloc[:0], verify_meta=False),
+            dd.from_delayed(ys, meta=pd.Series([], dtype=float, name="label"), verify_meta=False))
 
 
 def best_iteration(booster: lgb.Booster, X_valid: pd.DataFrame, y_valid: np.ndarray, step: int = STEP):
@@ -172,7 +183,7 @@ def fit_lgbm_dask(
     rounds = min(config.num_boost_round, max_rounds)
     local = {k: v for k, v in params.items() if k not in ("num_threads", "metric")}  # threads: per worker
     workers = max(1, len(client.scheduler_info()["workers"]))
-    X, y = _to_dask(model_matrix(X_train, names, levels), y_train, workers)
+    X, y = _to_dask(client, model_matrix(X_train, names, levels), y_train)
     model = DaskLGBMClassifier(client=client, n_estimators=rounds, **local)
     with warnings.catch_warnings():  # the sklearn wrapper always passes n_jobs, which lightgbm.dask then drops
         warnings.filterwarnings("ignore", message="Parameter n_jobs will be ignored", category=UserWarning)
