@@ -6,6 +6,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 
 import click
 
@@ -78,11 +79,17 @@ def main() -> None:
         click.echo("riskscore: aborted", err=True)
         sys.exit(130)
     except click.ClickException as err:
+        if _verbose() and err.__cause__ is not None:  # a failure the command turned into its one line
+            traceback.print_exception(err.__cause__)
         click.echo(f"riskscore: {err.format_message()}", err=True)
         sys.exit(err.exit_code or 1)
     except Exception as err:  # the contract: one line and exit != 0
-        if "-v" in sys.argv or "--verbose" in sys.argv:
+        if _verbose():
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        click.echo(f"riskscore: error: {first}", err=True)
+        click.echo(f"riskscore: {first}", err=True)
         sys.exit(1)
+
+
+def _verbose() -> bool:
+    return "-v" in sys.argv[1:2] or "--verbose" in sys.argv[1:2]

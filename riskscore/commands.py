@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,25 +42,56 @@ def _load(domain: str, path: str, label_delay_days: float | None = None):
 @DOMAIN
 @click.option("--in", "in_path", type=click.Path(exists=True), required=True,
               help="Project-format directory, public customs CSV(s) or AMLSim output directory.")
-@click.option("--out", "out_file", type=click.Path(dir_okay=False), required=True, help="Output .parquet file.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), required=True, help="Output .parquet or .csv file.")
 @click.option("--label-delay-days", type=click.FloatRange(min=0), default=None,
               help="Days until an event's outcome is known.")
 def features_cmd(domain: str, in_path: str, out_file: str, label_delay_days: float | None) -> None:
     """Build the point-in-time feature table (one row per event, id, time and label kept)."""
     from features.domains import events_of, feature_set
 
+    target = output_file(out_file)
     fs = feature_set(domain, label_delay_days)
     started = time.perf_counter()
     data = _load(domain, in_path, label_delay_days)
     events = events_of(data)
-    with click.progressbar(length=len(fs.specs), label="features") as bar:
+    with click.progressbar(length=len(fs.specs), label="features", file=sys.stderr) as bar:
         table = fs.build(events, data.cases, progress=bar.update)
     keep = [c for c in (fs.id_col, fs.time_col, fs.label_col) if c in events.columns]
     out = pd.concat([events[keep].reset_index(drop=True), table.reset_index(drop=True)], axis=1)
-    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
-    out.to_parquet(out_file, index=False)
+    write_table(out, target)
     click.echo(f"wrote {len(out):,} rows x {len(fs.names)} features to {out_file} "
                f"in {time.perf_counter() - started:.1f}s")
+
+
+def warn_replaced(replaced: int, in_path: str) -> None:
+    """Say when events of the history were dropped for sharing ids with the file (ids must name one event)."""
+    if replaced:
+        click.echo(f"riskscore: warning: {in_path} gives the ids of {replaced:,} history events to events at other "
+                   "times; those history events were dropped (give events unique ids, or --no-history)", err=True)
+
+
+def output_file(out_file: str) -> Path:
+    """``--out``, checked before any work: a .csv or .parquet name (any case) whose directory can be created and
+    written to."""
+    path = Path(out_file)
+    if path.suffix.lower() not in (".csv", ".parquet"):
+        raise click.BadParameter(f"{out_file!r} must end in .csv or .parquet", param_hint="--out")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise click.ClickException(f"cannot write --out {out_file}: {err.strerror or err}") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK):
+        raise click.ClickException(f"cannot write --out {out_file}: "
+                                   f"{'it is a directory' if path.is_dir() else 'permission denied'}")
+    return path
+
+
+def write_table(frame: pd.DataFrame, path: Path) -> None:
+    """``frame`` as Parquet or CSV, by the name's suffix (see :func:`output_file`)."""
+    if path.suffix.lower() == ".parquet":
+        frame.to_parquet(path, index=False)
+    else:
+        frame.to_csv(path, index=False)
 
 
 def _score_frame(domain: str, in_path: str, top_n: int, history: tuple[Path, ...], no_history: bool):
@@ -70,6 +102,7 @@ def _score_frame(domain: str, in_path: str, top_n: int, history: tuple[Path, ...
 
     bundle, info = load_champion(domain)
     hf = features_over_history(bundle, domain, in_path, history=history_for(bundle, history, no_history))
+    warn_replaced(hf.replaced, in_path)
     explanations = []
     if not len(hf.events):
         raise click.ClickException(f"no events in {in_path}")
@@ -91,6 +124,7 @@ def score_cmd(domain: str, in_path: str, out_file: str, top_n: int, history: tup
 
     Labels in the file (if any) count as outcomes known after the label delay, as in training and `evaluate`.
     """
+    target = output_file(out_file)
     bundle, info, hf, explanations = _score_frame(domain, in_path, top_n, history, no_history)
     rows = []
     for event_id, exp in zip(hf.events[hf.fs.id_col], explanations, strict=True):
@@ -102,13 +136,9 @@ def score_cmd(domain: str, in_path: str, out_file: str, top_n: int, history: tup
             row[f"reason_{rank}_contribution"] = reason.contribution
         rows.append(row)
     out = pd.DataFrame(rows)
-    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
-    if out_file.endswith(".parquet"):
-        out.to_parquet(out_file, index=False)
-    else:
-        out.to_csv(out_file, index=False)
+    write_table(out, target)
     click.echo(f"scored {len(out):,} items with {bundle.domain} model v{info.version} "
-               f"(history: {hf.history_events:,} earlier events): {int(out['flagged'].sum()):,} flagged -> {out_file}")
+               f"(history: {hf.history_events:,} events): {int(out['flagged'].sum()):,} flagged -> {out_file}")
 
 
 @click.command("drift")

@@ -31,6 +31,7 @@ def serve_cmd(port: int, host: str, domains: str | None, workers: int | None, ch
         env["RISKSCORE_WORKERS"] = str(workers)
     if problem := local_server.port_in_use(host, port):
         raise click.ClickException(problem)
+    _check_keys()
     if check:
         _preflight(env.get("RISKSCORE_DOMAINS"))
     cmd = [sys.executable, "-m", "bentoml", "serve", local_server.SERVICE, "--host", host, "--port", str(port)]
@@ -49,6 +50,16 @@ def serve_cmd(port: int, host: str, domains: str | None, workers: int | None, ch
             signal.signal(sig, handler)
     if code not in (0, -2, -15, 130, 143):
         raise click.ClickException(f"the server stopped with exit code {code}; see the log above")
+
+
+def _check_keys() -> None:
+    """Fail before starting BentoML when the API keys cannot be read (it would restart its worker for ever)."""
+    from serving import auth
+
+    try:
+        auth.load_keys()
+    except (OSError, ValueError) as err:
+        raise click.ClickException(f"cannot serve: {err} (create keys with `riskscore keys add`)") from None
 
 
 def _preflight(domains: str | None) -> None:

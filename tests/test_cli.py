@@ -74,6 +74,20 @@ def test_generate_features_train_score_evaluate(env: dict[str, str]) -> None:
     report = json.loads(as_json.stdout)  # the progress bar goes to stderr: stdout is the JSON alone
     assert report["items"] == 200 and report["status"] == "insufficient" and not report["retrain_due"]
 
+    as_csv = run(env, "features", "--domain", "customs", "--in", str(root / "new.csv"), "--out", str(root / "f.CSV"))
+    assert "features" not in as_csv.stdout.split("wrote")[0]  # the progress bar is on stderr
+    assert len(pd.read_csv(root / "f.CSV")) == 200  # CSV by its name (it was Parquet whatever the name)
+    (root / "a-file").write_text("")
+    for out, message in (("s.json", "must end in .csv or .parquet"), ("a-file/s.csv", "cannot write --out")):
+        refused = run(env, "score", "--domain", "customs", "--in", str(root / "new.csv"), "--out", str(root / out),
+                      ok=False)
+        assert refused.returncode != 0 and message in refused.stderr and "scoring" not in refused.stderr, out
+    other = late.assign(date=late["date"] + pd.Timedelta(days=400))  # the ids of history events, other events
+    other.to_csv(root / "reused.csv", index=False)
+    reused = run(env, "score", "--domain", "customs", "--in", str(root / "reused.csv"), "--out", str(root / "r.csv"))
+    assert "gives the ids of 200 history events to events at other times" in reused.stderr
+    assert "warning" not in scored.stderr  # the same events as in the history: no warning
+
     late.iloc[:0].to_csv(root / "empty.csv", index=False)
     empty = run(env, "score", "--domain", "customs", "--in", str(root / "empty.csv"), "--out", str(root / "e.csv"),
                 ok=False)
@@ -95,8 +109,35 @@ def test_errors_are_one_line_with_nonzero_exit(env: dict[str, str]) -> None:
     no_model = run({**env, "RISKSCORE_MODEL_FINANCE": "no-such-model"}, "score", "--domain", "finance", "--in",
                    str(root / "bad"), "--out", str(root / "y.csv"), ok=False)
     assert no_model.returncode != 0 and len(no_model.stderr.strip().splitlines()) == 1, no_model.stderr
+    verbose = run(env, "-v", "train", "--domain", "finance", "--data", str(root / "bad"), ok=False)
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr  # -v: the traceback behind the one line
+    for flag, value in (("--num-threads", "0"), ("--search-trials", "-1"), ("--search-seconds", "0")):
+        ranged = run(env, "train", "--domain", "finance", "--data", str(root / "bad"), flag, value, ok=False)
+        assert ranged.returncode == 2 and flag in ranged.stderr, ranged.stderr
+    (root / "c.toml").write_text("capacity = 'abc'\n")
+    typed = run(env, "train", "--domain", "finance", "--data", str(root / "bad"), "--config", str(root / "c.toml"),
+                ok=False)
+    assert "config key capacity must be float" in typed.stderr, typed.stderr
+    (root / "c.toml").write_text("capacity = \n")
+    broken = run(env, "train", "--domain", "finance", "--data", str(root / "bad"), "--config", str(root / "c.toml"),
+                 ok=False)
+    assert "c.toml: " in broken.stderr and len(broken.stderr.strip().splitlines()) == 1, broken.stderr
+    cases_dir = run(env, "train", "--domain", "finance", "--data", str(root / "bad"), "--cases", str(root / "bad"),
+                    ok=False)
+    assert cases_dir.returncode == 2 and "is a directory" in cases_dir.stderr, cases_dir.stderr
     stray = run(env, "drift", "--domain", "customs", "--no-history", ok=False)
     assert stray.returncode != 0 and "apply to --data" in stray.stderr and len(stray.stderr.strip().splitlines()) == 1
+
+
+def test_serve_without_usable_keys_is_a_one_line_error(env: dict[str, str], tmp_path: Path) -> None:
+    """An empty key file (every key revoked) made BentoML restart its worker for ever; serve refuses to start."""
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keys": []}')
+    from serving.local_server import free_port
+
+    proc = run({**env, "RISKSCORE_KEYS_FILE": str(keys)}, "serve", "--port", str(free_port()), ok=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and "riskscore keys add" in lines[0], proc.stderr
 
 
 def test_a_port_in_use_is_a_one_line_error_before_any_work(env: dict[str, str]) -> None:

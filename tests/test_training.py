@@ -350,17 +350,17 @@ def test_evaluate_looks_back_on_the_training_data_like_the_test_window(store, tm
         return out.output, float(out.output.split("PR-AUC")[1].split()[0])
 
     default, pr_auc = evaluated()
-    assert f"history: train.csv + valid.csv ({int(early.sum()):,} earlier events)" in default
+    assert f"history: train.csv + valid.csv ({int(early.sum()):,} events)" in default
     assert pr_auc == pytest.approx(test["pr_auc"], abs=1e-4)
     cold, cold_pr_auc = evaluated("--no-history")
-    assert "history: none (0 earlier events)" in cold and cold_pr_auc != pytest.approx(pr_auc, abs=1e-4)
+    assert "history: none (0 events)" in cold and cold_pr_auc != pytest.approx(pr_auc, abs=1e-4)
     after, after_pr_auc = evaluated(data="later.csv")
-    assert f"history: train.csv + valid.csv ({int((~later).sum()):,} earlier events)" in after
+    assert f"history: train.csv + valid.csv ({int((~later).sum()):,} events)" in after
     named = evaluated("--history", str(tmp_path / "train.csv"), "--history", str(tmp_path / "valid.csv"),
                       data="later.csv")
     assert named[1] == after_pr_auc
     gap, _ = evaluated("--history", str(tmp_path / "train.csv"), data="later.csv")
-    assert f"history: train.csv ({int(early.sum()):,} earlier events)" in gap
+    assert f"history: train.csv ({int(early.sum()):,} events)" in gap
     both = CliRunner().invoke(evaluate_cmd, ["--domain", "customs", "--data", str(tmp_path / "valid.csv"),
                                              "--no-history", "--history", str(tmp_path / "train.csv")])
     assert both.exit_code != 0 and "exclude each other" in both.output

@@ -9,6 +9,7 @@ from click.core import ParameterSource
 
 DOMAIN = click.Choice(["customs", "finance"])
 EXISTING = click.Path(exists=True, path_type=Path)
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 def history_options(command):
@@ -50,7 +51,8 @@ def _one_line(err: Exception) -> str:
 @click.option("--train", "train_path", type=EXISTING, help="Training file (with --eval: the files are the windows).")
 @click.option("--eval", "eval_path", type=EXISTING,
               help="Evaluation file = test window; the training file is split into train/validation/calibration.")
-@click.option("--cases", "cases_path", type=EXISTING, help="Extra reviewer outcomes (cases table, parquet or CSV).")
+@click.option("--cases", "cases_path", type=EXISTING_FILE,
+              help="Extra reviewer outcomes (cases table, Parquet or CSV).")
 @click.option("--reviewer-outcomes/--no-reviewer-outcomes", default=True, show_default=True,
               help="Use outcomes recorded by reviewers in the service's audit store as cases and labels.")
 @click.option("--audit-url", help="Audit store to read outcomes from [default: $RISKSCORE_AUDIT_URL or "
@@ -62,11 +64,11 @@ def _one_line(err: Exception) -> str:
               help="Set the threshold for this precision instead of capacity.")
 @click.option("--label-delay-days", type=click.FloatRange(min=0),
               help="Days until an outcome is known (default: domain default).")
-@click.option("--search-trials", type=int, default=0, show_default=True,
+@click.option("--search-trials", type=click.IntRange(min=0), default=0, show_default=True,
               help="Random-search LightGBM trials (best by validation PR-AUC).")
-@click.option("--search-seconds", type=float,
+@click.option("--search-seconds", type=click.FloatRange(min=0, min_open=True),
               help="Time budget of the search in seconds (alone: as many trials as fit).")
-@click.option("--num-threads", type=int, default=2, show_default=True, help="LightGBM threads.")
+@click.option("--num-threads", type=click.IntRange(min=1), default=2, show_default=True, help="LightGBM threads.")
 @click.option("--no-register", is_flag=True, help="Track the run but do not register or promote the model.")
 @click.option("--engine", type=click.Choice(["pandas", "dask"]), default="pandas", show_default=True,
               help="dask: build features and train LightGBM on a Dask cluster (pip install 'riskscore[dask]').")
@@ -94,8 +96,10 @@ def train_cmd(ctx: click.Context, config_file: Path | None, **flags) -> None:
         domain = given.get("domain") or settings.get("domain")
         data = given.get("data") or settings.get("data")
         train_path = given.get("train_path") or settings.get("train")
-        if domain not in ("customs", "finance"):
+        if domain is None:
             raise click.UsageError("--domain customs|finance is required")
+        if domain not in ("customs", "finance"):
+            raise click.UsageError(f"domain must be customs or finance, not {domain!r}")
         if data and train_path:
             raise click.UsageError("use --data or --train, not both")
         data = data or train_path
@@ -140,7 +144,7 @@ def promote_cmd(domain: str, version: str, reason: str, by: str | None) -> None:
 @click.option("--version", help="Registered version number (default: the alias).")
 @click.option("--alias", default="champion", show_default=True, help="Registered alias when --version is not given.")
 @history_options
-@click.option("--cases", "cases_path", type=EXISTING, help="Extra reviewer outcomes (cases table).")
+@click.option("--cases", "cases_path", type=EXISTING_FILE, help="Extra reviewer outcomes (cases table).")
 @click.option("--capacity", type=click.FloatRange(0, 1, min_open=True), default=0.05, show_default=True,
               help="Review capacity for the metrics.")
 def evaluate_cmd(domain: str, data: Path, version: str | None, alias: str, history: tuple[Path, ...], no_history: bool,
@@ -162,7 +166,10 @@ def evaluate_cmd(domain: str, data: Path, version: str | None, alias: str, histo
         raise click.ClickException(_one_line(err)) from err
     click.echo(f"{mv.name} v{mv.version} on {data.name}: {int(m['rows'])} labelled events, "
                f"{int(m['positives'])} positives")
-    click.echo(f"  history: {history_label(looked_back)} ({m['history_events']:,} earlier events)")
+    click.echo(f"  history: {history_label(looked_back)} ({m['history_events']:,} events)")
+    if m.get("history_replaced"):
+        click.echo(f"  warning: {data.name} gives the ids of {int(m['history_replaced']):,} history events to events "
+                   "at other times; those history events were dropped (give events unique ids)")
     if m.get("in_sample"):
         click.echo(f"  warning: {int(m['in_sample']):,} of {int(m['rows']):,} labelled events are not later than the "
                    f"data this model was fitted on (up to {until}): the metrics below are partly in-sample")

@@ -88,6 +88,9 @@ class TrainConfig:
             raise ValueError(f"capacity is a share of the events: 0 < capacity <= 1 (got {self.capacity})")
         if self.target_precision is not None and not 0 < self.target_precision <= 1:
             raise ValueError(f"target precision must be in (0, 1] (got {self.target_precision})")
+        if self.search_trials < 0 or self.num_threads < 1 or (self.search_seconds is not None
+                                                              and self.search_seconds <= 0):
+            raise ValueError("search_trials must be >= 0, num_threads >= 1 and search_seconds > 0")
         if self.engine not in ("pandas", "dask"):
             raise ValueError(f"engine must be pandas or dask, not {self.engine!r}")
         if self.scheduler and self.engine != "dask":
@@ -109,7 +112,10 @@ NOT_CONFIG = ("domain", "data", "train")  # run inputs that may sit in the same 
 def read_toml(path: str | Path) -> dict:
     """Settings from a TOML file with keys normalised (``target-precision`` -> ``target_precision``)."""
     with open(path, "rb") as fh:
-        raw = tomllib.load(fh)
+        try:
+            raw = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: {err}") from None
     out = {k.replace("-", "_"): v for k, v in raw.items()}
     if isinstance(out.get("lgbm"), dict):
         out["lgbm"] = {k.replace("-", "_"): v for k, v in out["lgbm"].items()}
@@ -134,10 +140,33 @@ def load_config(path: str | Path | None = None, **overrides) -> TrainConfig:
     unknown += sorted(f"lgbm.{k}" for k in set(lgbm_raw) - {f.name for f in fields(LGBMConfig)})
     if unknown:
         raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+    _check_types(TrainConfig, raw)
+    _check_types(LGBMConfig, lgbm_raw, "lgbm.")
     for key in ("fractions", "eval_fractions", "split_dates"):
         if raw.get(key) is not None:
             raw[key] = tuple(raw[key])
     return TrainConfig(lgbm=LGBMConfig(**lgbm_raw), **raw)
+
+
+_KINDS = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,), "tuple": (list, tuple)}
+
+
+def _check_types(cls, values: dict, prefix: str = "") -> None:
+    """``ValueError`` naming the key when a setting (from a TOML file) has the wrong type for ``cls``'s field."""
+    types = {f.name: str(f.type) for f in fields(cls)}
+    for key, value in values.items():
+        if value is None:
+            continue
+        kinds = ["tuple"] if types[key].startswith("tuple") else [k for k in _KINDS if k in types[key]]
+        allowed = [_KINDS[k] for k in kinds]
+        if not allowed:
+            continue
+        ok = any(isinstance(value, kind) for kind in allowed)
+        if isinstance(value, bool) and bool not in sum(allowed, ()):
+            ok = False
+        if not ok:
+            expected = " or ".join("a list" if k == "tuple" else k for k in kinds)
+            raise ValueError(f"config key {prefix}{key} must be {expected}, not {value!r}")
 
 
 @dataclass
@@ -150,6 +179,7 @@ class TrainData:
     from_eval: np.ndarray  # True for rows of the evaluation file
     paths: list[str]
     reviewed: int = 0  # labelled events added from reviewer outcomes in the audit store (last rows)
+    overlap: int = 0  # events of the data dropped for ids that the evaluation file gives to events at other times
 
 
 @dataclass
@@ -211,6 +241,7 @@ def load_training_data(domain: str, data_path: str | Path | Sequence[str | Path]
     data_paths = [data_path] if isinstance(data_path, str | Path) else list(data_path)
     first = load_datasets(domain, data_paths, config.label_delay_days)
     datasets = [first]
+    overlap = 0
     fs_id = EVENTS[domain][2]
     if config.eval_path:
         datasets.append(load_dataset(domain, config.eval_path, config.label_delay_days))
@@ -221,7 +252,14 @@ def load_training_data(domain: str, data_path: str | Path | Sequence[str | Path]
     else:
         earlier = events_of(first)
         if drop_overlap:
-            earlier = earlier[~earlier[fs_id].isin(events_of(datasets[1])[fs_id])]
+            later = events_of(datasets[1])
+            same = earlier[fs_id].isin(later[fs_id])
+            if same.any():  # the same id at another time: another event, not a copy of it
+                fs_time = EVENTS[domain][1]
+                was = earlier.loc[same].drop_duplicates(fs_id).set_index(fs_id)[fs_time]
+                now = later.drop_duplicates(fs_id).set_index(fs_id)[fs_time].reindex(was.index)
+                overlap = int((was != now).sum())
+            earlier = earlier[~same]
         events = pd.concat([earlier] + [events_of(d) for d in datasets[1:]], ignore_index=True)
         n_first = len(earlier)
     dup = events[fs_id].duplicated()
@@ -247,7 +285,7 @@ def load_training_data(domain: str, data_path: str | Path | Sequence[str | Path]
     paths = [str(Path(p).resolve()) for p in data_paths]
     paths += [str(Path(config.eval_path).resolve())] if config.eval_path else []
     return TrainData(events=events, cases=cases, accounts=accounts, from_eval=from_eval, paths=paths,
-                     reviewed=n_reviewed)
+                     reviewed=n_reviewed, overlap=overlap)
 
 
 def shuffle_labels(domain: str, data: TrainData, label_col: str, seed: int, delay: float | None) -> TrainData:
@@ -569,6 +607,7 @@ class HistoryFeatures:
     events: pd.DataFrame  # the file's events, in file order
     features: pd.DataFrame  # their model-input features, same rows
     history_events: int  # events of the history that the features looked back on
+    replaced: int = 0  # history events dropped because the file gives their ids to events at other times
     accounts: pd.DataFrame | None = None  # finance: the accounts table (account labels), when the data has one
 
 
@@ -592,7 +631,8 @@ def features_over_history(
     rows = np.flatnonzero(data.from_eval) if history else np.arange(len(data.events))
     features = fs.build(data.events, data.cases).iloc[rows]
     return HistoryFeatures(fs=fs, events=data.events.iloc[rows], features=features,
-                           history_events=len(data.events) - len(rows), accounts=data.accounts)
+                           history_events=len(data.events) - len(rows), accounts=data.accounts,
+                           replaced=data.overlap)
 
 
 def evaluate_bundle(
@@ -616,6 +656,7 @@ def evaluate_bundle(
     )
     metrics.update(account_metrics(ev, scores, hf.accounts, capacity))
     metrics["history_events"] = hf.history_events
+    metrics["history_replaced"] = hf.replaced
     if fitted_until is not None:
         metrics["in_sample"] = int((pd.to_datetime(ev[hf.fs.time_col]) <= fitted_until).sum())
     return metrics
