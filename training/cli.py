@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -88,7 +89,7 @@ def train_cmd(ctx: click.Context, config_file: Path | None, **flags) -> None:
       riskscore train --domain customs --train df_syn_train_eng.csv --eval df_syn_valid_eng.csv
       riskscore train --domain finance --data data/finance --engine dask --scheduler tcp://host:8786
     """
-    from training.pipeline import load_config, read_toml, train
+    from training.pipeline import TRAIN_STAGES, load_config, read_toml, train
 
     try:
         settings = read_toml(config_file) if config_file else {}
@@ -113,7 +114,21 @@ def train_cmd(ctx: click.Context, config_file: Path | None, **flags) -> None:
         if overrides.pop("no_register", False):
             overrides["register"] = False
         config = load_config(config_file, **overrides)
-        train(domain, data, config=config)
+        stages = [s for s in TRAIN_STAGES if config.track or s not in ("tracking", "registry")]
+        if not (config.track and config.register):
+            stages = [s for s in stages if s != "registry"]
+        labels = {"load": "loading data", "features": "point-in-time features", "baseline": "baseline",
+                  "lgbm_full": "LightGBM", "lgbm_raw": "raw-column LightGBM", "tracking": "MLflow run",
+                  "calibrate_evaluate": "calibration and metrics", "registry": "registry and promotion"}
+        with click.progressbar(length=len(stages), label="training", file=sys.stderr,
+                               item_show_func=lambda stage: labels.get(stage or "", stage)) as bar:
+            bar.update(0, stages[0])
+            ahead = iter(stages[1:])
+
+            def step(_done: str) -> None:
+                bar.update(1, next(ahead, None))
+
+            train(domain, data, config=config, progress=step)
     except click.ClickException:
         raise
     except Exception as err:

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -445,8 +445,15 @@ def _finish_model(
     return ModelResult(name, calibrator, float(threshold), scores, margins, metrics, features)
 
 
-def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = None) -> TrainResult:
-    """Train, evaluate and (unless ``config.register`` is False) track and register a model of ``domain``."""
+TRAIN_STAGES = ("load", "features", "baseline", "lgbm_full", "lgbm_raw", "calibrate_evaluate", "tracking",
+                "registry")
+
+
+def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = None,
+          progress: Callable[[str], None] | None = None) -> TrainResult:
+    """Train, evaluate and (unless ``config.register`` is False) track and register a model of ``domain``.
+
+    ``progress`` is called with the name of each stage of :data:`TRAIN_STAGES` as it ends (a progress bar)."""
     config = config or TrainConfig()
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -456,6 +463,8 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
         now = time.perf_counter()
         timings[name] = round(now - clock, 3)
         clock = now
+        if progress is not None:
+            progress(name)
 
     fs = domain_feature_set(domain, config.label_delay_days)
     client = None
