@@ -73,6 +73,7 @@ T_EVENT = "_tev"  # event time of a labelled event (the label's own time is even
 MODES = ("hybrid", "time")
 _KEEP: dict[int, tuple] = {}  # persisted inputs of the last build per client (time tasks read them by key)
 DASK_CONFIG = {"dataframe.convert-string": False, "dataframe.shuffle.method": "tasks"}
+ROWS_PER_PARTITION = 250_000  # default partition size of a pandas input
 
 
 def _keyed(spec) -> bool:
@@ -231,7 +232,7 @@ def _events_frame(events: pd.DataFrame | dd.DataFrame, partitions: int | None, c
     if isinstance(events, pd.DataFrame):
         frame = events.reset_index(drop=True)
         frame.index = pd.RangeIndex(len(frame), name=ROW)
-        n = max(1, min(partitions or math.ceil(len(frame) / 250_000), len(frame)))
+        n = max(1, min(partitions or math.ceil(len(frame) / ROWS_PER_PARTITION), len(frame)))
         if client is None:
             return dd.from_pandas(frame, npartitions=n, sort=True)
         cuts = np.linspace(0, len(frame), n + 1).astype(int)

@@ -80,6 +80,7 @@ def test_train_on_a_separately_started_cluster(scheduler: str, tmp_path) -> None
     with Client(scheduler, timeout=60) as client:
         prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
     assert "train_part" in prefixes, prefixes  # LightGBM's distributed fit ran on this cluster's workers
+    assert any("bucket" in p for p in prefixes), prefixes  # and the feature build's key-bucket tasks
 
     import mlflow
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 import tomllib
 from collections.abc import Callable, Sequence
@@ -481,7 +482,10 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
     if config.engine == "dask":
         from features import dask_engine
 
-        features = dask_engine.build(fs, data.events, data.cases, client=client)
+        workers = max(1, len(client.scheduler_info()["workers"]))  # every worker gets rows and key buckets
+        parts = max(workers, math.ceil(len(data.events) / dask_engine.ROWS_PER_PARTITION))
+        features = dask_engine.build(fs, data.events, data.cases, client=client, partitions=parts,
+                                     buckets=max(2 * workers, parts))
         numeric = [n for n in fs.names if n not in set(fs.categorical)]
         features = features.astype(dict.fromkeys(numeric, np.dtype(config.feature_dtype)))  # as fs.build(dtype=)
     else:
