@@ -182,7 +182,8 @@ def drift_cmd(domain: str, in_path: str | None, window: int, as_json: bool, fail
             store.close()
         source = source.format(len(feats))
     if not len(feats):
-        raise click.ClickException("no recent events to compare: pass --data or score some items first")
+        raise click.ClickException("no audited scores to compare: pass --data, or score items through the service "
+                                   "first (offline `score` does not write the audit store)")
     if not (bundle.reference or {}).get("features"):
         raise click.ClickException(f"the {domain} champion has no drift reference: retrain it with this version")
     report = drift_report(bundle.reference, feats, scores)

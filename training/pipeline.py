@@ -604,7 +604,7 @@ def format_table(result: TrainResult) -> str:
             vals = "".join(f"{model.metrics[window].get(c, np.nan):9.4f}" for c in cols)
             lines.append(f"  {name:10s}{vals}")
     full = result.models["full"]
-    lines.append(f"threshold {full.threshold:.4f} (flag rate on test {full.metrics['test']['flag_rate']:.3f}), "
+    lines.append(f"threshold {full.threshold:.4g} (flag rate on test {full.metrics['test']['flag_rate']:.3f}), "
                  f"LightGBM {result.lgbm.best_iteration} trees")
     return "\n".join(lines)
 
