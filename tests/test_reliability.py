@@ -832,6 +832,41 @@ def test_replicas_on_one_audit_store_see_each_others_events_and_reloads(server: 
 
 
 @server_test
+def test_a_read_waiting_for_the_audit_write_lock_does_not_stall_the_worker(server: Server):
+    """A reviewer's read records its request in the audit store; while the write lock is held elsewhere that read
+    waits in the thread pool, and the worker answers other requests meanwhile (it used to wait on the event
+    loop, stalling every request of the worker)."""
+    score_id = None
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.post("/score_shipments", json={"items": _events(server, "customs", 1, start=700)},
+                   headers=server.headers("customs"))
+        assert r.status_code == 200, r.text
+        score_id = r.json()["items"][0]["score_id"]
+    holder = os.open(str(server.home / "audit.db.lock"), os.O_RDWR | os.O_CREAT)
+    result: dict = {}
+
+    def read() -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            result["read"] = c.get(f"/scores/{score_id}", headers=server.headers("reviewer"))
+
+    reader = threading.Thread(target=read)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        reader.start()
+        time.sleep(0.5)
+        assert "read" not in result  # waiting for the lock
+        with httpx.Client(base_url=server.url, timeout=5) as c:
+            assert c.get("/readyz").status_code == 200
+            assert c.get("/healthz").status_code == 200
+        assert "read" not in result
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+        reader.join(timeout=60)
+    assert result["read"].status_code == 200 and result["read"].json()["score_id"] == score_id
+
+
+@server_test
 def test_sigkill_mid_load_then_restart_keeps_audit_consistent(server: Server):
     """Kill -9 the server (arbiter and worker) under load, restart it, retry the requests that got a transport
     error with their Idempotency-Key: the audit has no torn rows or duplicate ids, every committed score was
@@ -1179,38 +1214,3 @@ def test_write_lock_waits_for_its_holder_and_gives_up_on_a_hung_one(tmp_path):
     finally:
         os.close(holder)
         lock.close()
-
-
-@server_test
-def test_a_read_waiting_for_the_audit_write_lock_does_not_stall_the_worker(server: Server):
-    """A reviewer's read records its request in the audit store; while the write lock is held elsewhere that read
-    waits in the thread pool, and the worker answers other requests meanwhile (it used to wait on the event
-    loop, stalling every request of the worker)."""
-    score_id = None
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        r = c.post("/score_shipments", json={"items": _events(server, "customs", 1, start=700)},
-                   headers=server.headers("customs"))
-        assert r.status_code == 200, r.text
-        score_id = r.json()["items"][0]["score_id"]
-    holder = os.open(str(server.home / "audit.db.lock"), os.O_RDWR | os.O_CREAT)
-    result: dict = {}
-
-    def read() -> None:
-        with httpx.Client(base_url=server.url, timeout=60) as c:
-            result["read"] = c.get(f"/scores/{score_id}", headers=server.headers("reviewer"))
-
-    reader = threading.Thread(target=read)
-    try:
-        fcntl.flock(holder, fcntl.LOCK_EX)
-        reader.start()
-        time.sleep(0.5)
-        assert "read" not in result  # waiting for the lock
-        with httpx.Client(base_url=server.url, timeout=5) as c:
-            assert c.get("/readyz").status_code == 200
-            assert c.get("/healthz").status_code == 200
-        assert "read" not in result
-    finally:
-        fcntl.flock(holder, fcntl.LOCK_UN)
-        os.close(holder)
-        reader.join(timeout=60)
-    assert result["read"].status_code == 200 and result["read"].json()["score_id"] == score_id
