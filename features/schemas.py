@@ -234,9 +234,11 @@ def validate_table(df: pd.DataFrame, table: str, source: str) -> pd.DataFrame:
 def _describe(failures: pd.DataFrame) -> list[str]:
     problems = []
     for (column, check), group in failures.groupby(["column", "check"], dropna=False, sort=False):
-        rows = [int(i) + 1 for i in group["index"].dropna().tolist()[:5]]
-        where = f"row {', '.join(map(str, rows))}" if rows else "table"
+        rows = sorted(int(i) + 1 for i in group["index"].dropna().tolist())
+        more = f" (+{len(rows) - 5:,} more)" if len(rows) > 5 else ""
+        where = f"row {', '.join(map(str, rows[:5]))}{more}" if rows else "table"
         value = group["failure_case"].iloc[0]
+        value = value.item() if hasattr(value, "item") else value  # numpy scalars print as plain numbers
         check = str(check)
         reason = "duplicate id" if "unique" in check or "duplicate" in check else check
         problems.append(f"{where}, column '{column}': {reason} (value {value!r})")

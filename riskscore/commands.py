@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import pandas as pd
 
-from training.cli import history_for, history_options
+from training.cli import feature_progress, history_for, history_options
 from training.drift import MIN_ITEMS as MIN_DRIFT_ITEMS
 
 DOMAIN = click.option("--domain", type=click.Choice(["customs", "finance"]), required=True, help="Which model family.")
@@ -54,6 +54,8 @@ def features_cmd(domain: str, in_path: str, out_file: str, label_delay_days: flo
     started = time.perf_counter()
     data = _load(domain, in_path, label_delay_days)
     events = events_of(data)
+    if not len(events):
+        raise click.ClickException(f"no events in {in_path}")
     with click.progressbar(length=len(fs.specs), label="features", file=sys.stderr) as bar:
         table = fs.build(events, data.cases, progress=bar.update)
     keep = [c for c in (fs.id_col, fs.time_col, fs.label_col) if c in events.columns]
@@ -101,7 +103,9 @@ def _score_frame(domain: str, in_path: str, top_n: int, history: tuple[Path, ...
     from training.registry import load_champion
 
     bundle, info = load_champion(domain)
-    hf = features_over_history(bundle, domain, in_path, history=history_for(bundle, history, no_history))
+    with feature_progress(domain, bundle) as bar:
+        hf = features_over_history(bundle, domain, in_path, history=history_for(bundle, history, no_history),
+                                   progress=bar.update)
     warn_replaced(hf.replaced, in_path)
     explanations = []
     if not len(hf.events):

@@ -92,6 +92,9 @@ def test_generate_features_train_score_evaluate(env: dict[str, str]) -> None:
     empty = run(env, "score", "--domain", "customs", "--in", str(root / "empty.csv"), "--out", str(root / "e.csv"),
                 ok=False)
     assert empty.returncode == 1 and "no events in" in empty.stderr and not (root / "e.csv").exists()
+    none = run(env, "features", "--domain", "customs", "--in", str(root / "empty.csv"), "--out",
+               str(root / "e.parquet"), ok=False)
+    assert none.returncode == 1 and "no events in" in none.stderr and not (root / "e.parquet").exists()
 
 
 def test_errors_are_one_line_with_nonzero_exit(env: dict[str, str]) -> None:

@@ -228,6 +228,7 @@ def test_strict_bad_value(finance_csv, column: str, value: str, reason: str) -> 
     tx.loc[2, column] = value
     msg = _write_and_load(folder, tx)
     assert "transactions.csv" in msg and "row 3" in msg and f"column '{column}'" in msg and reason in msg
+    assert "np." not in msg  # values as the user wrote them, not numpy reprs
 
 
 def test_strict_duplicate_id(finance_csv) -> None:

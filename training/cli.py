@@ -23,6 +23,14 @@ def history_options(command):
                              "starts from.")(command)
 
 
+def feature_progress(domain: str, bundle):
+    """A progress bar on stderr over the feature specs that a model's features take (history and file)."""
+    from features.domains import feature_set
+
+    specs = len(feature_set(domain, getattr(bundle, "label_delay_days", None)).specs)
+    return click.progressbar(length=specs, label="features", file=sys.stderr)
+
+
 def history_for(bundle, history: tuple[Path, ...], no_history: bool) -> list[Path]:
     """The datasets a command's features look back on: ``--history``, none, or the data the model was trained on."""
     if history and no_history:
@@ -122,7 +130,8 @@ def train_cmd(ctx: click.Context, config_file: Path | None, **flags) -> None:
                   "calibrate_evaluate": "calibration and metrics", "registry": "registry and promotion"}
         with click.progressbar(length=len(stages), label="training", file=sys.stderr,
                                item_show_func=lambda stage: labels.get(stage or "", stage)) as bar:
-            bar.update(0, stages[0])
+            bar.current_item = stages[0]
+            bar.render_progress()
             ahead = iter(stages[1:])
 
             def step(_done: str) -> None:
@@ -173,8 +182,9 @@ def evaluate_cmd(domain: str, data: Path, version: str | None, alias: str, histo
         bundle, mv = load_model(domain, version=version, alias=None if version else alias)
         looked_back = history_for(bundle, history, no_history)
         until = fitted_until(bundle, mv)
-        m = evaluate_bundle(bundle, domain, data, history=looked_back, cases_path=cases_path, capacity=capacity,
-                            fitted_until=until)
+        with feature_progress(domain, bundle) as bar:
+            m = evaluate_bundle(bundle, domain, data, history=looked_back, cases_path=cases_path, capacity=capacity,
+                                fitted_until=until, progress=bar.update)
     except click.ClickException:
         raise
     except Exception as err:
@@ -196,8 +206,10 @@ def evaluate_cmd(domain: str, data: Path, version: str | None, alias: str, histo
         p = pct_label(frac)
         click.echo(f"  {p + '%':>5s} {m[f'precision_at_{p}pct']:10.4f} {m[f'recall_at_{p}pct']:8.4f}"
                    + (f" {m[f'revenue_share_at_{p}pct']:8.4f}" if revenue else ""))
-    click.echo(f"  threshold {bundle.threshold:.4f}: flags {m['flag_rate']:.2%}, precision "
-               f"{m['precision_at_threshold']:.4f}, recall {m['recall_at_threshold']:.4f}")
+    at_threshold = m["precision_at_threshold"]
+    precision = "n/a (nothing flagged)" if at_threshold != at_threshold else f"{at_threshold:.4f}"  # NaN
+    click.echo(f"  threshold {bundle.threshold:.4g}: flags {m['flag_rate']:.2%}, precision {precision}, "
+               f"recall {m['recall_at_threshold']:.4f}")
     if "account_k" in m:
         click.echo(f"  accounts: the top {int(m['account_k']):,} by their highest transfer score: precision "
                    f"{m['account_precision_at_k']:.4f}, recall {m['account_recall_at_k']:.4f}")

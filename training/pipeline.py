@@ -626,13 +626,14 @@ class HistoryFeatures:
 
 def features_over_history(
     bundle: ModelBundle, domain: str, data_path: str | Path, *, history: Sequence[str | Path] = (),
-    cases_path: str | Path | None = None,
+    cases_path: str | Path | None = None, progress: Callable[[int], None] | None = None,
 ) -> HistoryFeatures:
     """Features of the events of ``data_path``, point-in-time over the ``history`` datasets followed by the data.
 
     The history (e.g. the model's training and evaluation data, which the service starts from) is not scored; its
     events that are also in the data count once, as data. Labels in either are outcomes known after the bundle's
-    label delay, as in training: they reach later events' features, never the event's own.
+    label delay, as in training: they reach later events' features, never the event's own. ``progress`` is
+    called once per feature spec computed (:meth:`FeatureSet.build`).
     """
     fs = domain_feature_set(domain, bundle.label_delay_days)
     if bundle.feature_set_version != fs.version:
@@ -642,7 +643,7 @@ def features_over_history(
                          eval_path=str(data_path) if history else None, reviewer_outcomes=False)
     data = load_training_data(domain, list(history) or data_path, config, drop_overlap=True)
     rows = np.flatnonzero(data.from_eval) if history else np.arange(len(data.events))
-    features = fs.build(data.events, data.cases).iloc[rows]
+    features = fs.build(data.events, data.cases, progress=progress).iloc[rows]
     return HistoryFeatures(fs=fs, events=data.events.iloc[rows], features=features,
                            history_events=len(data.events) - len(rows), accounts=data.accounts,
                            replaced=data.overlap)
@@ -651,11 +652,12 @@ def features_over_history(
 def evaluate_bundle(
     bundle: ModelBundle, domain: str, data_path: str | Path, *, history: Sequence[str | Path] = (),
     cases_path: str | Path | None = None, capacity: float = 0.05, fitted_until: pd.Timestamp | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Metrics of a bundle on the labelled events of ``data_path``, features as :func:`features_over_history`
     (``history_events`` in the result: how many history events they looked back on; ``in_sample``: how many of
     the labelled events are not later than ``fitted_until``, the end of the data the model was fitted on)."""
-    hf = features_over_history(bundle, domain, data_path, history=history, cases_path=cases_path)
+    hf = features_over_history(bundle, domain, data_path, history=history, cases_path=cases_path, progress=progress)
     y_all = _labels(hf.events, hf.fs).to_numpy(float)
     pos = np.flatnonzero(~np.isnan(y_all))
     if not len(pos):
