@@ -823,6 +823,26 @@ class AuditStore:
         ``skip_event_ids``."""
         return _labelled(domain, self._decided(domain, skip_event_ids))
 
+    def export_scored_events(self, domain: str, skip_event_ids: Collection[str] = ()) -> pd.DataFrame:
+        """Every event of ``domain`` the service scored (its first scoring, as the service's state holds it; none of
+        ``skip_event_ids``), in contract dtypes, labelled by the first reviewer decision where there is one
+        (``label_known_at`` = its time) and unlabelled otherwise: the entity histories that training shares with
+        the service."""
+        skip = set(skip_event_ids)
+        query = (sa.select(scores.c.event_id, scores.c.input_json).where(scores.c.domain == domain)
+                 .order_by(scores.c.seq))
+        with self.engine.connect() as conn:
+            first = [r for r in _first_rows(conn.execute(query)) if r.event_id not in skip]
+        decided = {r.event_id: r for r in self._decided(domain, skip)}
+        label = domain_info(domain).label_col
+        rows = [{**r.input_json, label: int(decided[r.event_id].outcome == "confirmed")} if r.event_id in decided
+                else dict(r.input_json) for r in first]
+        out = events_frame(domain, rows)
+        out[LABEL_KNOWN_AT] = pd.to_datetime(pd.Series(
+            [decided[r.event_id].decided_at if r.event_id in decided else None for r in first], dtype="object"),
+        ).astype("datetime64[ns]").to_numpy()
+        return out
+
     def recent_features(self, domain: str, limit: int = 5000, model_version: str | None = None,
                         ) -> tuple[pd.DataFrame, np.ndarray]:
         """Features (one row per score, oldest first) and scores of the latest ``limit`` scored items of
@@ -875,15 +895,20 @@ def first_decisions(rows, skip_event_ids: set[str], decided: set[str] | None = N
     return out
 
 
-def _first_scorings(rows: list[sa.Row]) -> list[dict]:
-    """Input of the first scoring of each event id among ``rows`` (oldest first)."""
+def _first_rows(rows) -> list[sa.Row]:
+    """The first row of each event id among ``rows`` (oldest first)."""
     seen: set[str] = set()
     out = []
     for row in rows:
         if row.event_id not in seen:
             seen.add(row.event_id)
-            out.append(row.input_json)
+            out.append(row)
     return out
+
+
+def _first_scorings(rows: list[sa.Row]) -> list[dict]:
+    """Input of the first scoring of each event id among ``rows`` (oldest first)."""
+    return [row.input_json for row in _first_rows(rows)]
 
 
 CASE_COLUMNS = ["case_id", "entity_kind", "entity_id", "opened_at", "closed_at", "outcome", "source", "note"]

@@ -440,7 +440,8 @@ def test_one_label_per_event_in_training_and_serving(tmp_path, case):
     """An event has one label, the same in training and in the online state: the first reviewer decision on any
     of its scorings (a second one is refused), and none if the data has the event (the data's label counts).
     Training used to get two rows for an event decided twice and the service a second label for an event of the
-    data, so later events' features differed between the two."""
+    data, so later events' features differed between the two; and it left out the scored events nobody reviewed,
+    which the service's histories count."""
     import datetime as dt
 
     from features.datasets import load_dataset
@@ -462,6 +463,8 @@ def test_one_label_per_event_in_training_and_serving(tmp_path, case):
     pd.DataFrame(rows).to_csv(tmp_path / "data.csv", index=False)
     _audited_transfer(store, "s0", first, scored_at)
     store.record_outcome("s0", "confirmed", None, "k1", "A", decided_at=decided_at)
+    unreviewed = {**first, "transaction_id": "T-3", "timestamp": "2023-06-25T12:00:00", "target_account": "ACC-D"}
+    _audited_transfer(store, "u0", unreviewed, scored_at)  # in the service's history too, without a label
     if case == "scored_twice":
         _audited_transfer(store, "s1", first, scored_at)
         with pytest.raises(OutcomeExists, match=r"already has an outcome \(on score s0\)"):
@@ -481,10 +484,12 @@ def test_one_label_per_event_in_training_and_serving(tmp_path, case):
                                                                                   audit_url=url))
     store.close()
     assert train_data.events["transaction_id"].tolist().count("T-1") == 1
+    assert train_data.events.set_index("transaction_id")["is_laundering"].isna()["T-3"]
     batch = fs.build(train_data.events, train_data.cases)
     row = batch[(train_data.events["transaction_id"] == "T-2").to_numpy()].iloc[0]
     label = 1.0 if case == "scored_twice" else 0.0  # the reviewer's first decision; the data's label
     assert row["src_out_labelled"] == 1.0 and row["src_out_label_rate"] == online["src_out_label_rate"][0]
+    assert row["src_out_count"] == 2.0  # T-1 and the unreviewed T-3, as the service counts them
     assert float(online["src_out_labelled"][0]) == 1.0
     for name in fs.names:
         if isinstance(row[name], str):

@@ -2,7 +2,9 @@
 
 Each outcome recorded through ``POST /outcomes`` (or the review page) gives ``cases`` rows on the scored
 event's entities (known from the decision time on) and the scored event itself as a labelled event
-(1 = confirmed, 0 = cleared). ``riskscore train`` reads them by default from ``$RISKSCORE_AUDIT_URL`` or
+(1 = confirmed, 0 = cleared). Every other scored event comes too, unlabelled: the service's entity histories
+hold every event it scored, so the next model's training features count them as well. ``riskscore train`` reads
+them by default from ``$RISKSCORE_AUDIT_URL`` or
 ``<RISKSCORE_HOME>/audit.db``; an absent SQLite file means "no outcomes yet".
 """
 
@@ -20,8 +22,12 @@ from riskscore import config
 
 @dataclass
 class ReviewerOutcomes:
-    cases: pd.DataFrame
-    events: pd.DataFrame
+    cases: pd.DataFrame  # reviewer cases
+    events: pd.DataFrame  # every scored event; the label where a reviewer decided it
+
+    @property
+    def labelled(self) -> int:
+        return int(self.events["label_known_at"].notna().sum()) if "label_known_at" in self.events else 0
 
 
 def audit_store_exists(url: str) -> bool:
@@ -34,8 +40,9 @@ def audit_store_exists(url: str) -> bool:
 
 def read_reviewer_outcomes(domain: str, url: str | None = None, skip_event_ids: Collection[str] = (),
                            ) -> ReviewerOutcomes | None:
-    """Cases and labelled events of ``domain`` decided by reviewers (the first decision on each event; none on
-    ``skip_event_ids``, the events of the data, which keep the data's label), or ``None`` without an audit store."""
+    """Cases of ``domain`` decided by reviewers and the scored events, labelled where decided (the first decision
+    on each event; none of ``skip_event_ids``, the events of the data, which keep the data's label), or ``None``
+    without an audit store."""
     url = url or config.audit_url()
     if not audit_store_exists(url):
         return None
@@ -44,6 +51,6 @@ def read_reviewer_outcomes(domain: str, url: str | None = None, skip_event_ids: 
     store = AuditStore(url)
     try:
         return ReviewerOutcomes(cases=store.export_cases(domain, skip_event_ids),
-                                events=store.export_labelled_events(domain, skip_event_ids))
+                                events=store.export_scored_events(domain, skip_event_ids))
     finally:
         store.close()

@@ -179,7 +179,8 @@ class TrainData:
     accounts: pd.DataFrame | None
     from_eval: np.ndarray  # True for rows of the evaluation file
     paths: list[str]
-    reviewed: int = 0  # labelled events added from reviewer outcomes in the audit store (last rows)
+    reviewed: int = 0  # scored events added from the audit store (last rows; labelled where a reviewer decided)
+    reviewed_labels: int = 0  # of which reviewer-labelled
     overlap: int = 0  # events of the data dropped for ids that the evaluation file gives to events at other times
 
 
@@ -270,13 +271,13 @@ def load_training_data(domain: str, data_path: str | Path | Sequence[str | Path]
     if config.cases_path:
         reviewer = read_table(Path(config.cases_path), "cases")
         cases = merge_cases(reviewer, cases)
-    n_reviewed = 0
+    n_reviewed = n_labels = 0
     if config.reviewer_outcomes and (reviewed := read_reviewer_outcomes(
             domain, config.audit_url, skip_event_ids=set(events[fs_id].astype(str)))) is not None:
         cases = merge_cases(reviewed.cases, cases)  # events of the data keep the data's label and cases
         if len(reviewed.events):
             events = pd.concat([events, reviewed.events], ignore_index=True)
-        n_reviewed = len(reviewed.events)
+        n_reviewed, n_labels = len(reviewed.events), reviewed.labelled
     accounts = None
     if domain == "finance":
         accounts = pd.concat([d.accounts for d in datasets], ignore_index=True).drop_duplicates(
@@ -286,7 +287,7 @@ def load_training_data(domain: str, data_path: str | Path | Sequence[str | Path]
     paths = [str(Path(p).resolve()) for p in data_paths]
     paths += [str(Path(config.eval_path).resolve())] if config.eval_path else []
     return TrainData(events=events, cases=cases, accounts=accounts, from_eval=from_eval, paths=paths,
-                     reviewed=n_reviewed, overlap=overlap)
+                     reviewed=n_reviewed, reviewed_labels=n_labels, overlap=overlap)
 
 
 def shuffle_labels(domain: str, data: TrainData, label_col: str, seed: int, delay: float | None) -> TrainData:

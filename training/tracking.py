@@ -109,7 +109,8 @@ def run_tags(result: TrainResult) -> dict[str, str]:
         "feature_set_version": result.fs.version, "data_paths": ";".join(Path(p).name for p in result.data.paths),
         "label_delay_days": str(result.bundle.label_delay_days), "rows_total": str(len(result.data.events)),
         "shuffled_labels": str(result.config.shuffle_labels).lower(),
-        "rows_reviewer_outcomes": str(result.data.reviewed),
+        "rows_reviewer_outcomes": str(result.data.reviewed_labels),
+        "rows_scored_by_service": str(result.data.reviewed),
         "cases_reviewer": str(int((result.data.cases.get("source") == "reviewer").sum())
                               if "source" in result.data.cases else 0),
     }
