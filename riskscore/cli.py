@@ -63,6 +63,7 @@ def cli(verbose: bool) -> None:
     """riskscore: risk scores with explanations for customs shipments and money flows."""
     level = logging.DEBUG if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font scan is hundreds of debug lines
     for handler in logging.getLogger().handlers:  # libraries that set their own loggers to INFO (Dask, MLflow)
         handler.setLevel(level)                   # still reach this handler: it filters too
     if not verbose:
@@ -78,6 +79,9 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("riskscore: aborted", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as err:  # bare `riskscore` or `riskscore keys`: the help
+        click.echo(err.ctx.get_help() if err.ctx else err.format_message())
+        sys.exit(0)
     except click.ClickException as err:
         if _verbose() and err.__cause__ is not None:  # a failure the command turned into its one line
             traceback.print_exception(err.__cause__)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 
@@ -108,7 +109,10 @@ def add_cmd(role: str, agency: str, path: str | None) -> None:
 @click.option("--file", "path", default=None, type=click.Path(dir_okay=False, exists=True), help="Key file.")
 def list_cmd(path: str | None) -> None:
     """Key ids (hash prefixes), roles and agencies."""
-    for entry in auth.read_key_file(path or auth.default_key_file()):
+    source = Path(path) if path else auth.default_key_file()
+    if not source.exists():
+        raise click.ClickException(f"no keys yet in {source}: create one with `riskscore keys add`")
+    for entry in auth.read_key_file(source):
         click.echo(f"{entry.id}\t{entry.role}\t{entry.agency}")
 
 

@@ -132,6 +132,14 @@ def test_errors_are_one_line_with_nonzero_exit(env: dict[str, str]) -> None:
     assert stray.returncode != 0 and "apply to --data" in stray.stderr and len(stray.stderr.strip().splitlines()) == 1
 
 
+def test_bare_groups_print_their_help_and_keys_list_says_how_to_start(env: dict[str, str], tmp_path: Path) -> None:
+    for args in ((), ("keys",)):
+        proc = run(env, *args)  # was "riskscore: Usage: ..." on stderr with exit 2
+        assert proc.stdout.startswith("Usage: riskscore") and not proc.stderr, proc.stderr
+    empty = run({**env, "RISKSCORE_HOME": str(tmp_path)}, "keys", "list", ok=False)
+    assert empty.returncode == 1 and "riskscore keys add" in empty.stderr and "Errno" not in empty.stderr
+
+
 def test_serve_without_usable_keys_is_a_one_line_error(env: dict[str, str], tmp_path: Path) -> None:
     """An empty key file (every key revoked) made BentoML restart its worker for ever; serve refuses to start."""
     keys = tmp_path / "keys.json"
