@@ -41,17 +41,23 @@ def _rows(request_id: str) -> tuple[dict, list[dict]]:
     return request, [row]
 
 
+def _timed_commits(store, commits: int) -> list[float]:
+    """Seconds of each of ``commits`` one-item scoring commits to ``store``."""
+    times = []
+    for _ in range(commits):
+        request, rows = _rows(uuid.uuid4().hex)
+        started = time.perf_counter()
+        store.record_scores(request, rows, {"items": [{"score": 0.5}]})
+        times.append(time.perf_counter() - started)
+    return times
+
+
 def run(background: bool, commits: int) -> dict:
     from serving.audit import AuditStore
 
     with tempfile.TemporaryDirectory(prefix="riskscore-audit-") as tmp:
         store = AuditStore(f"sqlite:///{Path(tmp) / 'audit.db'}", background_checkpoint=background)
-        times = []
-        for _ in range(commits):
-            request, rows = _rows(uuid.uuid4().hex)
-            started = time.perf_counter()
-            store.record_scores(request, rows, {"items": [{"score": 0.5}]})
-            times.append(time.perf_counter() - started)
+        times = _timed_commits(store, commits)
         store.close()
     out = percentiles(times)
     out["over_5ms"] = sum(t > 0.005 for t in times)
@@ -63,12 +69,7 @@ def _writer(url: str, commits: int, start, out) -> None:
 
     store = AuditStore(url, background_checkpoint=True)
     start.wait()
-    times = []
-    for _ in range(commits):
-        request, rows = _rows(uuid.uuid4().hex)
-        started = time.perf_counter()
-        store.record_scores(request, rows, {"items": [{"score": 0.5}]})
-        times.append(time.perf_counter() - started)
+    times = _timed_commits(store, commits)
     store.close()
     out.put(times)
 
