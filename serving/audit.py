@@ -810,7 +810,7 @@ class AuditStore:
             .order_by(outcomes.c.seq)
         )
         with self.engine.connect() as conn:
-            return first_decisions(conn.execute(query), set(skip_event_ids))
+            return first_per_event(conn.execute(query), set(skip_event_ids))
 
     def export_cases(self, domain: str, skip_event_ids: Collection[str] = ()) -> pd.DataFrame:
         """Reviewer outcomes as rows of the ``cases`` contract (one per entity of the scored event); none for
@@ -832,7 +832,7 @@ class AuditStore:
         query = (sa.select(scores.c.event_id, scores.c.input_json).where(scores.c.domain == domain)
                  .order_by(scores.c.seq))
         with self.engine.connect() as conn:
-            first = [r for r in _first_rows(conn.execute(query)) if r.event_id not in skip]
+            first = first_per_event(conn.execute(query), skip)
         decided = {r.event_id: r for r in self._decided(domain, skip)}
         label = domain_info(domain).label_col
         rows = [{**r.input_json, label: int(decided[r.event_id].outcome == "confirmed")} if r.event_id in decided
@@ -877,38 +877,23 @@ class AuditStore:
                                  for row in conn.execute(score_q.where(cond))), key=lambda r: r.seq)
             outcome_rows = sorted((row for cond in outcome_cursor.where(outcomes.c.seq)
                                    for row in conn.execute(outcome_q.where(cond))), key=lambda r: r.seq)
-        return Replay(domain=domain, event_rows=_first_scorings([r for r in score_rows if r.mine]),
+        first = first_per_event(r for r in score_rows if r.mine)
+        return Replay(domain=domain, event_rows=[r.input_json for r in first],
                       decided=[r for r in outcome_rows if r.mine], score_seqs=[r.seq for r in score_rows],
                       outcome_seqs=[r.seq for r in outcome_rows])
 
 
-def first_decisions(rows, skip_event_ids: set[str], decided: set[str] | None = None) -> list[sa.Row]:
-    """Outcome rows (in seq order) of events not in ``skip_event_ids`` nor ``decided``, the first one of each event:
-    an event has one label (a second decision is refused when written; this also covers stores written before).
-    ``decided`` (event ids already applied) is updated."""
-    decided = set() if decided is None else decided
+def first_per_event(rows, skip_event_ids: Collection[str] = (), seen: set[str] | None = None) -> list[sa.Row]:
+    """The first of ``rows`` (oldest first) of each event id not in ``skip_event_ids`` nor ``seen``; ``seen`` is
+    updated. For outcomes: an event has one label, its first decision (a second one is refused when written; this
+    also covers stores written before); for scorings: the state holds an event's first scoring."""
+    seen = set() if seen is None else seen
     out = []
     for row in rows:
-        if row.event_id not in decided and row.event_id not in skip_event_ids:
-            decided.add(row.event_id)
-            out.append(row)
-    return out
-
-
-def _first_rows(rows) -> list[sa.Row]:
-    """The first row of each event id among ``rows`` (oldest first)."""
-    seen: set[str] = set()
-    out = []
-    for row in rows:
-        if row.event_id not in seen:
+        if row.event_id not in seen and row.event_id not in skip_event_ids:
             seen.add(row.event_id)
             out.append(row)
     return out
-
-
-def _first_scorings(rows: list[sa.Row]) -> list[dict]:
-    """Input of the first scoring of each event id among ``rows`` (oldest first)."""
-    return [row.input_json for row in _first_rows(rows)]
 
 
 CASE_COLUMNS = ["case_id", "entity_kind", "entity_id", "opened_at", "closed_at", "outcome", "source", "note"]

@@ -48,7 +48,7 @@ from serving.audit import (
     Replay,
     SeqCursor,
     events_frame,
-    first_decisions,
+    first_per_event,
     jsonable,
     utcnow,
 )
@@ -259,7 +259,7 @@ class DomainScorer:
             self.online.ingest(events_frame(self.domain, rows))
         elif rows:
             ingest_columns(self.online, stored_item_columns(self.domain, rows))
-        decided = first_decisions(replay.decided, self.history_ids, self.decided_ids)  # as training reads them
+        decided = first_per_event(replay.decided, self.history_ids, self.decided_ids)  # as training reads them
         if decided:
             kept = dataclasses.replace(replay, decided=decided)
             self.online.ingest_labels(kept.labelled)  # known from max(event time + delay, decision time)
