@@ -40,6 +40,7 @@ _OWNED: list = []  # clusters/clients started here, closed at exit
 
 
 CONNECT_TIMEOUT_S = 30.0  # longest wait for a scheduler to answer (and for its workers to report)
+WORKERS_GONE_S = 60.0  # how long a computation waits for workers once every worker has left the cluster
 
 
 class DaskClusterError(RuntimeError):
@@ -95,6 +96,51 @@ def _within(timeout: float, make, message: str):
     if "value" not in done:
         raise DaskClusterError(message)
     return done["value"]
+
+
+@contextlib.contextmanager
+def workers_required(client, grace: float = WORKERS_GONE_S, every: float = 1.0):
+    """Run the block on ``client``'s cluster, giving up when it has had no workers for ``grace`` seconds.
+
+    Dask keeps tasks that no worker can run waiting for one for ever, so a training whose workers all left
+    (a cluster shut down, workers killed) would hang. A daemon thread asks the scheduler for its workers every
+    ``every`` seconds; after ``grace`` seconds without any (or without an answer), it cancels the client's
+    computations and the block ends with :class:`DaskClusterError`. Workers that come back in time are waited for.
+    """
+    from distributed import Future
+
+    stop, gone = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        since = None
+        while not stop.wait(every):
+            try:
+                workers = len(client.scheduler_info()["workers"])
+            except Exception:  # the scheduler does not answer either
+                workers = 0
+            if workers:
+                since = None
+                continue
+            since = since or time.monotonic()
+            if time.monotonic() - since >= grace:
+                gone.set()
+                with contextlib.suppress(Exception):
+                    client.cancel([Future(key, client) for key in list(client.futures)])
+                return
+
+    thread = threading.Thread(target=watch, name="riskscore-dask-workers", daemon=True)
+    thread.start()
+    try:
+        yield
+    except Exception as err:
+        if gone.is_set():
+            raise DaskClusterError(f"every Dask worker left the cluster; gave up after {grace:g}s without "
+                                   "workers") from err
+        raise
+    finally:
+        stop.set()
+    if gone.is_set():  # finished while being cancelled: its results cannot be trusted to be complete
+        raise DaskClusterError(f"every Dask worker left the cluster; gave up after {grace:g}s without workers")
 
 
 def _worker_versions() -> dict[str, str]:

@@ -482,11 +482,13 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
     lap("load")
     if config.engine == "dask":
         from features import dask_engine
+        from training.dask_train import workers_required
 
         workers = max(1, len(client.scheduler_info()["workers"]))  # every worker gets rows and key buckets
         parts = max(workers, math.ceil(len(data.events) / dask_engine.ROWS_PER_PARTITION))
-        features = dask_engine.build(fs, data.events, data.cases, client=client, partitions=parts,
-                                     buckets=max(2 * workers, parts))
+        with workers_required(client):
+            features = dask_engine.build(fs, data.events, data.cases, client=client, partitions=parts,
+                                         buckets=max(2 * workers, parts))
         numeric = [n for n in fs.names if n not in set(fs.categorical)]
         features = features.astype(dict.fromkeys(numeric, np.dtype(config.feature_dtype)))  # as fs.build(dtype=)
     else:
@@ -513,11 +515,12 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
     lcfg = config.lgbm_config()
     trials = config.search_trials or (UNBOUNDED_TRIALS if config.search_seconds else 0)  # time-bounded only
     if config.engine == "dask":
-        from training.dask_train import random_search_dask
+        from training.dask_train import random_search_dask, workers_required
 
-        full, search_log = random_search_dask(X["train"], y["train"], X["validation"], y["validation"],
-                                              fs.categorical, lcfg, trials=trials, seconds=config.search_seconds,
-                                              client=client)
+        with workers_required(client):
+            full, search_log = random_search_dask(X["train"], y["train"], X["validation"], y["validation"],
+                                                  fs.categorical, lcfg, trials=trials,
+                                                  seconds=config.search_seconds, client=client)
     else:
         full, search_log = random_search(X["train"], y["train"], X["validation"], y["validation"], fs.categorical,
                                          lcfg, trials=trials, seconds=config.search_seconds)
