@@ -389,6 +389,36 @@ def test_fitting_windows_end_before_the_evaluation_file():
     assert sorted(split.windows["test"]) == list(range(20, 30))
 
 
+@pytest.mark.parametrize("eval_file", [False, True])
+def test_reviewer_labels_fit_but_never_calibrate_or_test(eval_file):
+    """Reviewer-labelled events were picked by a model (mostly flagged ones): they fit the train and validation
+    windows by time, never calibration or test, and from the calibration window's start on stay history only.
+    They used to fall into the latest windows and bias calibration, threshold and the promotion comparison."""
+    from features.domains import feature_set
+    from training.pipeline import TrainData, make_split
+
+    fs = feature_set("customs")
+    days = list(range(1, 41))
+    reviewer_days = [3, 26, 32, 39]  # train, validation, calibration and test time (without --eval)
+    times = pd.to_datetime("2023-01-01") + pd.to_timedelta(days + reviewer_days, unit="D")
+    labels = [i % 2 for i in days] + [1, 1, 1, 1]
+    events = pd.DataFrame({fs.id_col: [f"D{i}" for i in range(len(times))], fs.time_col: times,
+                           fs.label_col: pd.array(labels, dtype="Int8")})
+    from_eval = np.r_[np.zeros(34, bool), np.ones(6, bool) if eval_file else np.zeros(6, bool), np.zeros(4, bool)]
+    data = TrainData(events=events, cases=pd.DataFrame(), accounts=None, from_eval=from_eval, paths=[], reviewed=4)
+    config = TrainConfig(eval_path="valid.csv", eval_fractions=(0.6, 0.2, 0.2)) if eval_file else TrainConfig()
+    split = make_split(data, fs, config)
+    reviewer = {40: "train", 41: "validation"}
+    for window, pos in split.windows.items():
+        assert {int(p) for p in pos if p >= 40} == {p for p, w in reviewer.items() if w == window}, window
+        first, last = split.ranges[window]
+        assert first == times[pos].min() and last == times[pos].max()
+    data_only = make_split(replace(data, events=events.iloc[:40], from_eval=from_eval[:40], reviewed=0), fs, config)
+    for window in ("calibration", "test"):  # the data's own windows are cut as without reviewer outcomes
+        assert list(split.windows[window]) == list(data_only.windows[window])
+    assert split.ranges["validation"][0] < times[41] < split.ranges["calibration"][0]
+
+
 def test_champion_is_compared_only_where_it_is_comparable(first, customs_dir, tmp_path):
     """A challenger whose test window lies inside the champion's training data cannot beat it on in-sample scores:
     it is not compared there (no automatic promotion, the reason says why); nor is a champion whose features

@@ -183,6 +183,10 @@ class TrainData:
     reviewed_labels: int = 0  # of which reviewer-labelled
     overlap: int = 0  # events of the data dropped for ids that the evaluation file gives to events at other times
 
+    def reviewer_rows(self) -> np.ndarray:
+        """True for the scored events added from the audit store (labelled where a reviewer decided)."""
+        return np.arange(len(self.events)) >= len(self.events) - self.reviewed
+
 
 @dataclass
 class ModelResult:
@@ -325,18 +329,25 @@ def own_columns(fs: FeatureSet, events: pd.DataFrame) -> list[str]:
 
 
 def make_split(data: TrainData, fs: FeatureSet, config: TrainConfig) -> Split:
-    """Time windows over the labelled events (row positions into ``data.events``)."""
-    labelled = _labels(data.events, fs).notna().to_numpy()
+    """Time windows over the labelled events (row positions into ``data.events``).
+
+    The windows are cut over the data's labels. Reviewer-labelled events (outcomes recorded through the service)
+    were chosen for review by a model, mostly flagged ones, so they would bias calibration, the threshold and the
+    test metrics: they fit the train and validation windows (by time) and, from the calibration window's start
+    on, stay history for features only."""
+    labels = _labels(data.events, fs).notna().to_numpy()
+    by_reviewer = labels & data.reviewer_rows()
+    labelled = labels & ~by_reviewer
     times = pd.to_datetime(data.events[fs.time_col])
     if not config.eval_path:
         pos = np.flatnonzero(labelled)
         sp = time_split(times.iloc[pos], fractions=config.fractions, dates=config.split_dates)
-        return Split({k: pos[v] for k, v in sp.windows.items()}, sp.ranges)
+        return _with_reviewer_labels({k: pos[v] for k, v in sp.windows.items()}, by_reviewer, times)
     test = np.flatnonzero(labelled & data.from_eval)
     if not len(test):
         raise ValueError("the evaluation file has no labelled events")
-    # Fitting windows end before the test window starts: labelled events of the other data at or after it (e.g.
-    # reviewer outcomes of events the service scored later) stay history for features but fit nothing.
+    # Fitting windows end before the test window starts: labelled events of the other data at or after it stay
+    # history for features but fit nothing.
     before_test = (times < times.iloc[test].min()).to_numpy()
     pos = np.flatnonzero(labelled & ~data.from_eval & before_test)
     if not len(pos):
@@ -345,7 +356,21 @@ def make_split(data: TrainData, fs: FeatureSet, config: TrainConfig) -> Split:
                     names=("train", "validation", "calibration"))
     windows = {k: pos[v] for k, v in sp.windows.items()}
     windows["test"] = test
-    ranges = dict(sp.ranges, test=(pd.Timestamp(times.iloc[test].min()), pd.Timestamp(times.iloc[test].max())))
+    return _with_reviewer_labels(windows, by_reviewer, times)
+
+
+def _with_reviewer_labels(windows: dict[str, np.ndarray], by_reviewer: np.ndarray, times: pd.Series) -> Split:
+    """``windows`` plus the reviewer-labelled rows dated before the calibration window: those before the validation
+    window's start in train, the rest in validation. Time ranges from the final rows."""
+    t = times.to_numpy("datetime64[ns]")
+    reviewer = np.flatnonzero(by_reviewer)
+    if len(reviewer):
+        start = {w: t[windows[w]].min() for w in ("validation", "calibration")}
+        fits = reviewer[t[reviewer] < start["calibration"]]
+        late = t[fits] >= start["validation"]
+        windows = dict(windows, train=np.sort(np.r_[windows["train"], fits[~late]]),
+                       validation=np.sort(np.r_[windows["validation"], fits[late]]))
+    ranges = {w: (pd.Timestamp(t[pos].min()), pd.Timestamp(t[pos].max())) for w, pos in windows.items()}
     return Split(windows, ranges)
 
 

@@ -110,6 +110,8 @@ def run_tags(result: TrainResult) -> dict[str, str]:
         "label_delay_days": str(result.bundle.label_delay_days), "rows_total": str(len(result.data.events)),
         "shuffled_labels": str(result.config.shuffle_labels).lower(),
         "rows_reviewer_outcomes": str(result.data.reviewed_labels),
+        "rows_reviewer_outcomes_fitted": str(int(sum(result.data.reviewer_rows()[result.split[w]].sum()
+                                                     for w in ("train", "validation")))),
         "rows_scored_by_service": str(result.data.reviewed),
         "cases_reviewer": str(int((result.data.cases.get("source") == "reviewer").sum())
                               if "source" in result.data.cases else 0),
