@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -97,7 +98,7 @@ def train_cmd(ctx: click.Context, config_file: Path | None, **flags) -> None:
       riskscore train --domain customs --train df_syn_train_eng.csv --eval df_syn_valid_eng.csv
       riskscore train --domain finance --data data/finance --engine dask --scheduler tcp://host:8786
     """
-    from training.pipeline import TRAIN_STAGES, load_config, read_toml, train
+    from training.pipeline import TRAIN_STAGES, load_config, read_toml, summary, train
 
     try:
         settings = read_toml(config_file) if config_file else {}
@@ -137,7 +138,9 @@ def train_cmd(ctx: click.Context, config_file: Path | None, **flags) -> None:
             def step(_done: str) -> None:
                 bar.update(1, next(ahead, None))
 
-            train(domain, data, config=config, progress=step)
+            result = train(domain, data, config=replace(config, quiet=True), progress=step)
+        if not config.quiet:  # after the bar: the table does not share the terminal with it
+            click.echo(summary(result))
     except click.ClickException:
         raise
     except Exception as err:

@@ -101,8 +101,8 @@ class TrainConfig:
         return replace(self.lgbm, seed=self.seed, num_threads=self.num_threads)
 
     def flat(self) -> dict[str, object]:
-        """Config as flat ``key: value`` pairs (MLflow params)."""
-        out = {k: v for k, v in asdict(self).items() if k != "lgbm"}
+        """Config as flat ``key: value`` pairs (MLflow params; ``quiet`` is output, not a setting of the run)."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("lgbm", "quiet")}
         out.update({f"lgbm.{k}": v for k, v in asdict(self.lgbm).items()})
         return out
 
@@ -583,8 +583,6 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
         data=data, fs=fs, lgbm=full, search_log=search_log, fingerprint=fingerprint(data.events, fs),
         timings=timings,
     )
-    if not config.quiet:
-        print(format_table(result))
     if config.track:
         from training import tracking  # heavy imports (mlflow, shap) only when tracking
 
@@ -595,11 +593,18 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
 
         result.promotion = registry.decide_promotion(result)
         lap("registry")
-        if not config.quiet:
-            p = result.promotion
-            print(f"registered {p['model_name']} v{p['version']}: {p['decision']} ({p['reason']})")
     timings["total"] = round(sum(timings.values()), 3)
+    if not config.quiet:
+        print(summary(result))
     return result
+
+
+def summary(result: TrainResult) -> str:
+    """The metric table and, when registered, the version and the promotion decision (what ``train`` prints)."""
+    text = format_table(result)
+    if (p := result.promotion) is not None:
+        text += f"\nregistered {p['model_name']} v{p['version']}: {p['decision']} ({p['reason']})"
+    return text
 
 
 # ---------------------------------------------------------------------------------------------- reporting
