@@ -3,6 +3,11 @@
 All aggregates look strictly before the transfer's timestamp (see :mod:`features.engine` and
 :mod:`features.graph`). Outcomes count from their closing time (cases) or the transfer time plus the
 label delay (labelled transfers). Sender = ``source_account``, receiver = ``target_account``.
+
+A self-transfer (``A -> A``) moves no money between parties: it is in no history (velocity, fan-in/out,
+pass-through, pairs, back edges, cycles, links), so it can neither pose as a 2-cycle (its own earlier
+self-transfers as "back" transfers) nor inflate an account's in- and outflow at once. It is scored like any
+transfer, with its ``self_transfer`` flag; its outcome still counts in the learned label rates.
 """
 
 from __future__ import annotations
@@ -54,11 +59,23 @@ def prepare_columns(tx: Columns) -> dict[str, np.ndarray]:
     return out
 
 
+def between_accounts(events: Columns) -> Columns:
+    """Prepared transfers without the self-transfers (the rows every history holds): ``events`` itself when it
+    has none, else a frame of the other rows keeping their index (row positions for plain columns)."""
+    own = np.asarray(events["self_transfer"]) > 0
+    if not own.any():
+        return events
+    keep = np.flatnonzero(~own)
+    if isinstance(events, pd.DataFrame):
+        return events.iloc[keep]
+    return pd.DataFrame({col: np.asarray(values)[keep] for col, values in events.items()}, index=keep)
+
+
 def sources(events=None, labels=None, cases=None) -> dict[str, pd.DataFrame]:
     """Time-stamped tables the specs aggregate over (row-wise transforms of the inputs only)."""
     out: dict[str, pd.DataFrame] = {}
     if events is not None:
-        out["events"] = events
+        out["events"] = between_accounts(events)
     if labels is not None:
         out["labels"] = labels
     if cases is not None:
@@ -254,6 +271,6 @@ def feature_set(label_delay_days: float = 30.0) -> FeatureSet:
         domain="finance", id_col="transaction_id", time_col="timestamp", label_col="is_laundering",
         entity_cols=(SRC, DST),
         prepare_columns=prepare_columns, sources=sources, specs=SPECS, derive=derive, features=FEATURES,
-        version="finance-1",
+        version="finance-2",  # 2: self-transfers are in no history
         label_delay=pd.Timedelta(days=label_delay_days),
     )

@@ -69,6 +69,20 @@ def test_dask_features_equal_pandas(request, client, domain, mode, time_parts):
     pd.testing.assert_frame_equal(got, expected, check_exact=True)
 
 
+def test_dask_self_transfers_equal_pandas(client, finance):
+    """Self-transfers are in no history (features/finance.py): the Dask sources drop them as pandas does."""
+    data, events = finance
+    events = events.copy()
+    own = np.arange(len(events)) % 10 == 3
+    events.loc[own, "target_account"] = events.loc[own, "source_account"]
+    fs = feature_set("finance")
+    expected = fs.build(events, data.cases)
+    got = dask_engine.build(fs, events, data.cases, partitions=3, buckets=4, time_parts=2, client=client,
+                            timeout=TIMEOUT)
+    pd.testing.assert_frame_equal(got, expected, check_exact=True)
+    assert expected.loc[own, "self_transfer"].eq(1).all()
+
+
 def test_dask_input_frame_and_shuffled_index(client, finance):
     """A dask.dataframe input (any index) gives the pandas features of the same rows in the same order."""
     data, events = finance

@@ -305,3 +305,39 @@ def test_cycle_legs_do_not_depend_on_arrival_order():
         got = np.array([online.query((s, d), t)
                         for s, d, t in ev[["source_account", "target_account", T_COL]].itertuples(index=False)])
         np.testing.assert_allclose(got, batch, equal_nan=True, err_msg=f"seed {seed}")
+
+
+def test_self_transfers_are_in_no_history():
+    """A -> A moves no money between parties: earlier self-transfers made a later one look like a 2-cycle (they
+    were its own "back" transfers), counted A as its own receiver and sender and added to its in- and outflow at
+    once. Batch, the online state and the service's path agree."""
+    import copy
+
+    from serving.fast_path import feature_columns_in_time_order
+
+    hour = pd.Timedelta(hours=1)
+    rows = [("A", "B", 1, 100.0), ("A", "A", 2, 1_000.0), ("B", "A", 3, 50.0), ("A", "A", 4, 2_000.0),
+            ("A", "A", 5, 500.0), ("A", "C", 6, 70.0)]
+    tx = pd.DataFrame([(s, d, T0 + h * hour, a) for s, d, h, a in rows],
+                      columns=["source_account", "target_account", "timestamp", "amount"])
+    tx = tx.assign(transaction_id=[f"s{i}" for i in range(len(tx))], currency="USD", channel="wire",
+                   source_country="US", target_country="US")
+    fs = feature_set()
+    f = fs.build(tx)
+    self_row, last = f.iloc[4], f.iloc[5]
+    assert self_row["self_transfer"] == 1 and self_row["back_count"] == 0 and self_row["pair_count"] == 0
+    assert self_row["src_out_count"] == 1 and self_row["src_in_count_24h"] == 1  # A -> B and B -> A only
+    assert last["src_fanout"] == 1 and last["src_fanin"] == 1 and last["src_out_count_24h"] == 1
+    assert last["pass_through_24h"] == pytest.approx((100.0 + 70.0) / 50.0)
+    empty = fs.online()
+    served = feature_columns_in_time_order(copy.deepcopy(empty), tx)
+    plain = feature_columns_in_time_order(copy.deepcopy(empty), {  # the service's plain columns, no frame
+        col: tx[col].to_numpy("datetime64[ns]" if col == "timestamp" else object if tx[col].dtype == object
+                              else np.float64) for col in tx.columns})
+    state, online = copy.deepcopy(empty), []
+    for i in range(len(tx)):
+        online.append(state.features(tx.iloc[[i]]))
+        state.ingest(tx.iloc[[i]])
+    assert_same(pd.concat(online), f, fs.categorical)
+    assert_same(fs.frame(served, tx.index), f, fs.categorical)
+    assert_same(fs.frame(plain, tx.index), f, fs.categorical)
