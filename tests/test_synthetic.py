@@ -256,3 +256,17 @@ def test_mules_have_earlier_closed_cases(finance: FinanceData) -> None:
     earliest = pd.concat([src_known, tgt_known], axis=1).min(axis=1)
     assert earliest.notna().all() and (earliest < mule["timestamp"]).all()
     assert (finance.cases.loc[finance.cases["source"] == "history", "closed_at"] < tx["timestamp"].min()).all()
+
+
+def test_generated_events_are_valid_api_items(tmp_path: Path) -> None:
+    """What the generator writes can be posted to the scoring API as is (the demo and the load test do): this seed
+    wrote a transfer of 0.00, which the API refuses (amounts must be positive), so scoring its latest events
+    failed with a 422."""
+    from bench.common import api_items
+    from serving.models import parse_batch
+
+    for domain, rows in (("finance", 100_000), ("customs", 20_000)):
+        data = load_dataset(domain, generate(domain, rows, 1, tmp_path / domain, positive_rate=0.08, progress=False))
+        events = data.transactions if domain == "finance" else data.declarations
+        for start in range(0, len(events), 1000):
+            parse_batch(domain, {"items": api_items(domain, events.iloc[start:start + 1000])})

@@ -194,7 +194,7 @@ class FinanceGenerator:
             "timestamp": pa.array(START.to_datetime64().astype("datetime64[ns]") + t.astype("timedelta64[s]")),
             "source_account": text(self.ids[src]),
             "target_account": text(self.ids[tgt]),
-            "amount": pa.array(np.round(c["amount"], 2)),
+            "amount": pa.array(np.maximum(np.round(c["amount"], 2), 0.01)),  # a cent at least: the API refuses 0
             "currency": text(self.currency[src]),
             "channel": text(c["channel"]),
             "source_country": text(self.country_names[self.country[src]]),
