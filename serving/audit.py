@@ -330,7 +330,8 @@ BUSY_TIMEOUT_S = 30  # SQLite's busy timeout; also the longest wait for the writ
 
 def _engine(url: str, autocheckpoint: bool = True) -> sa.Engine:
     if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S}, json_serializer=dumps_json)
+        engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S}, json_serializer=dumps_json,
+                                  json_deserializer=orjson.loads)
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):  # WAL: readers never block the writer
@@ -344,7 +345,7 @@ def _engine(url: str, autocheckpoint: bool = True) -> sa.Engine:
             cur.close()
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, json_serializer=dumps_json)
+    return sa.create_engine(url, pool_pre_ping=True, json_serializer=dumps_json, json_deserializer=orjson.loads)
 
 
 def checkpoint_interval() -> float:
