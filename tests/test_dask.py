@@ -200,21 +200,25 @@ def test_train_engine_dask_end_to_end(client, finance_dir):
 
 def test_training_gives_up_when_every_worker_left():
     """Dask keeps a task that no worker can run waiting for one for ever: a training whose workers all left hung.
-    Now the computation is cancelled after the grace period without workers and the block fails with one line."""
+    Now the block's computations are cancelled after the grace period without workers and it fails with one
+    line; the client's other work is left alone, and a block that completes is never failed."""
     import time
 
     from training.dask_train import DaskClusterError, workers_required
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
                       timeout=TIMEOUT) as cluster, Client(cluster, timeout=TIMEOUT, set_as_default=False) as c:
-        future = c.submit(time.sleep, 600, pure=False)
+        other = c.submit(time.sleep, 600, pure=False)  # the caller's own work, started before
         with workers_required(c, grace=1.0, every=0.2):  # workers present: nothing happens
             c.wait_for_workers(1, timeout=TIMEOUT)
             time.sleep(1.0)
         started = time.monotonic()
         with pytest.raises(DaskClusterError, match=r"every Dask worker left the cluster; gave up after 1s"), \
                 workers_required(c, grace=1.0, every=0.2):
+            future = c.submit(time.sleep, 600, pure=False)
             cluster.scale(0)
             future.result(timeout=TIMEOUT)
         assert time.monotonic() - started < TIMEOUT / 2
-        assert future.status == "cancelled"
+        assert future.status == "cancelled" and other.status == "pending"
+        with workers_required(c, grace=0.2, every=0.1):  # no workers, but nothing waits on them: completes
+            time.sleep(1.0)

@@ -104,11 +104,13 @@ def workers_required(client, grace: float = WORKERS_GONE_S, every: float = 1.0):
 
     Dask keeps tasks that no worker can run waiting for one for ever, so a training whose workers all left
     (a cluster shut down, workers killed) would hang. A daemon thread asks the scheduler for its workers every
-    ``every`` seconds; after ``grace`` seconds without any (or without an answer), it cancels the client's
-    computations and the block ends with :class:`DaskClusterError`. Workers that come back in time are waited for.
+    ``every`` seconds; after ``grace`` seconds without any (or without an answer), it cancels the computations the
+    block started (not the client's others) and the block's failure becomes :class:`DaskClusterError`. Workers
+    that come back in time are waited for; a block that completes is never failed.
     """
     from distributed import Future
 
+    before = set(client.futures)
     stop, gone = threading.Event(), threading.Event()
 
     def watch() -> None:
@@ -125,7 +127,7 @@ def workers_required(client, grace: float = WORKERS_GONE_S, every: float = 1.0):
             if time.monotonic() - since >= grace:
                 gone.set()
                 with contextlib.suppress(Exception):
-                    client.cancel([Future(key, client) for key in list(client.futures)])
+                    client.cancel([Future(key, client) for key in set(client.futures) - before])
                 return
 
     thread = threading.Thread(target=watch, name="riskscore-dask-workers", daemon=True)
@@ -133,14 +135,14 @@ def workers_required(client, grace: float = WORKERS_GONE_S, every: float = 1.0):
     try:
         yield
     except Exception as err:
+        stop.set()
+        thread.join(every + CONNECT_TIMEOUT_S)
         if gone.is_set():
             raise DaskClusterError(f"every Dask worker left the cluster; gave up after {grace:g}s without "
                                    "workers") from err
         raise
     finally:
         stop.set()
-    if gone.is_set():  # finished while being cancelled: its results cannot be trusted to be complete
-        raise DaskClusterError(f"every Dask worker left the cluster; gave up after {grace:g}s without workers")
 
 
 def _worker_versions() -> dict[str, str]:
@@ -229,9 +231,10 @@ def fit_lgbm_dask(
     rounds = min(config.num_boost_round, max_rounds)
     local = {k: v for k, v in params.items() if k not in ("num_threads", "metric")}  # threads: per worker
     workers = max(1, len(client.scheduler_info()["workers"]))
-    X, y = _to_dask(client, model_matrix(X_train, names, levels), y_train)
     model = DaskLGBMClassifier(client=client, n_estimators=rounds, **local)
-    with warnings.catch_warnings():  # the sklearn wrapper always passes n_jobs, which lightgbm.dask then drops
+    with workers_required(client), warnings.catch_warnings():
+        X, y = _to_dask(client, model_matrix(X_train, names, levels), y_train)
+        # the sklearn wrapper always passes n_jobs, which lightgbm.dask then drops
         warnings.filterwarnings("ignore", message="Parameter n_jobs will be ignored", category=UserWarning)
         model.fit(X, y, categorical_feature=list(levels) or "auto")
     booster = model.booster_

@@ -540,12 +540,11 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
     lcfg = config.lgbm_config()
     trials = config.search_trials or (UNBOUNDED_TRIALS if config.search_seconds else 0)  # time-bounded only
     if config.engine == "dask":
-        from training.dask_train import random_search_dask, workers_required
+        from training.dask_train import random_search_dask
 
-        with workers_required(client):
-            full, search_log = random_search_dask(X["train"], y["train"], X["validation"], y["validation"],
-                                                  fs.categorical, lcfg, trials=trials,
-                                                  seconds=config.search_seconds, client=client)
+        full, search_log = random_search_dask(X["train"], y["train"], X["validation"], y["validation"],
+                                              fs.categorical, lcfg, trials=trials, seconds=config.search_seconds,
+                                              client=client)
     else:
         full, search_log = random_search(X["train"], y["train"], X["validation"], y["validation"], fs.categorical,
                                          lcfg, trials=trials, seconds=config.search_seconds)
