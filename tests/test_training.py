@@ -419,6 +419,25 @@ def test_reviewer_labels_fit_but_never_calibrate_or_test(eval_file):
     assert split.ranges["validation"][0] < times[41] < split.ranges["calibration"][0]
 
 
+def test_reviewer_labels_follow_the_split_dates():
+    """With --split-dates the windows start at the dates, not at their first event: a reviewer label dated in a
+    gap of the data after the calibration date stays history (it fitted validation)."""
+    from features.domains import feature_set
+    from training.pipeline import TrainData, make_split
+
+    fs = feature_set("customs")
+    data_days = [*range(1, 11), *range(16, 21), *range(26, 32)]  # gaps after the validation and calibration dates
+    times = pd.to_datetime([f"2023-01-{d:02d}" for d in data_days] + ["2023-01-12", "2023-01-22"])
+    events = pd.DataFrame({fs.id_col: [f"D{i}" for i in range(len(times))], fs.time_col: times,
+                           fs.label_col: pd.array([i % 2 for i in range(len(times))], dtype="Int8")})
+    data = TrainData(events=events, cases=pd.DataFrame(), accounts=None, from_eval=np.zeros(len(times), bool),
+                     paths=[], reviewed=2)
+    split = make_split(data, fs, TrainConfig(split_dates=("2023-01-11", "2023-01-21", "2023-01-29")))
+    n = len(data_days)
+    assert n in split.windows["validation"] and n + 1 not in np.concatenate(list(split.windows.values()))
+    assert split.ranges["train"][1] == pd.Timestamp("2023-01-10")
+
+
 def test_champion_is_compared_only_where_it_is_comparable(first, customs_dir, tmp_path):
     """A challenger whose test window lies inside the champion's training data cannot beat it on in-sample scores:
     it is not compared there (no automatic promotion, the reason says why); nor is a champion whose features

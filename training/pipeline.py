@@ -342,7 +342,8 @@ def make_split(data: TrainData, fs: FeatureSet, config: TrainConfig) -> Split:
     if not config.eval_path:
         pos = np.flatnonzero(labelled)
         sp = time_split(times.iloc[pos], fractions=config.fractions, dates=config.split_dates)
-        return _with_reviewer_labels({k: pos[v] for k, v in sp.windows.items()}, by_reviewer, times)
+        return _with_reviewer_labels({k: pos[v] for k, v in sp.windows.items()}, by_reviewer, times,
+                                     config.split_dates)
     test = np.flatnonzero(labelled & data.from_eval)
     if not len(test):
         raise ValueError("the evaluation file has no labelled events")
@@ -356,16 +357,22 @@ def make_split(data: TrainData, fs: FeatureSet, config: TrainConfig) -> Split:
                     names=("train", "validation", "calibration"))
     windows = {k: pos[v] for k, v in sp.windows.items()}
     windows["test"] = test
-    return _with_reviewer_labels(windows, by_reviewer, times)
+    return _with_reviewer_labels(windows, by_reviewer, times, config.split_dates)
 
 
-def _with_reviewer_labels(windows: dict[str, np.ndarray], by_reviewer: np.ndarray, times: pd.Series) -> Split:
+def _with_reviewer_labels(windows: dict[str, np.ndarray], by_reviewer: np.ndarray, times: pd.Series,
+                          dates: tuple | list | None = None) -> Split:
     """``windows`` plus the reviewer-labelled rows dated before the calibration window: those before the validation
-    window's start in train, the rest in validation. Time ranges from the final rows."""
+    window's start in train, the rest in validation. The starts are the split ``dates`` when given (the first two
+    are the validation and calibration starts), else the windows' first events. Time ranges from the final rows."""
     t = times.to_numpy("datetime64[ns]")
     reviewer = np.flatnonzero(by_reviewer)
     if len(reviewer):
-        start = {w: t[windows[w]].min() for w in ("validation", "calibration")}
+        if dates:
+            start = {w: np.datetime64(pd.Timestamp(d), "ns")
+                     for w, d in zip(("validation", "calibration"), dates, strict=False)}
+        else:
+            start = {w: t[windows[w]].min() for w in ("validation", "calibration")}
         fits = reviewer[t[reviewer] < start["calibration"]]
         late = t[fits] >= start["validation"]
         windows = dict(windows, train=np.sort(np.r_[windows["train"], fits[~late]]),
