@@ -11,6 +11,7 @@ feeds the online feature state after a restart or reload.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import math
 import os
@@ -318,6 +319,15 @@ def dumps_json_bytes(value: Any) -> bytes:
     return orjson.dumps(value, default=_json_fallback, option=_JSON_OPTIONS)
 
 
+def loads_json(text: str | bytes) -> Any:
+    """A stored JSON value, parsed by orjson; text orjson refuses (a lone surrogate escape such as ``"\\ud800"``,
+    which rows written with the standard library before orjson may hold) by the standard library."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def _json_fallback(value: Any) -> Any:
     out = jsonable(value)
     if out is value:
@@ -331,7 +341,7 @@ BUSY_TIMEOUT_S = 30  # SQLite's busy timeout; also the longest wait for the writ
 def _engine(url: str, autocheckpoint: bool = True) -> sa.Engine:
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S}, json_serializer=dumps_json,
-                                  json_deserializer=orjson.loads)
+                                  json_deserializer=loads_json)
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):  # WAL: readers never block the writer
@@ -345,7 +355,7 @@ def _engine(url: str, autocheckpoint: bool = True) -> sa.Engine:
             cur.close()
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, json_serializer=dumps_json, json_deserializer=orjson.loads)
+    return sa.create_engine(url, pool_pre_ping=True, json_serializer=dumps_json, json_deserializer=loads_json)
 
 
 def checkpoint_interval() -> float:

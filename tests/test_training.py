@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -546,3 +547,23 @@ def test_one_label_per_event_in_training_and_serving(tmp_path, case):
         else:
             assert float(online[name][0]) == pytest.approx(float(row[name]), nan_ok=True), name
     assert (row["src_out_label_rate"] > 0.3) == (label == 1.0)
+
+
+def test_rows_written_with_the_standard_json_library_still_read(tmp_path):
+    """JSON columns are parsed by orjson, which refuses a lone surrogate escape. An audit store written before the
+    service encoded with orjson may hold one (the standard library wrote it); its rows still replay and export."""
+    import sqlalchemy as sa
+
+    from serving.audit import AuditStore, scores
+
+    store = AuditStore(f"sqlite:///{tmp_path / 'audit.db'}")
+    item = {"transaction_id": "T-1", "timestamp": "2023-06-25T00:00:00", "source_account": "ACC-A",
+            "target_account": "ACC-B", "amount": 9500.0, "currency": "USD", "channel": "wire",
+            "source_country": "US", "target_country": "GB"}
+    _audited_transfer(store, "s0", item, pd.Timestamp("2023-06-25T01:00:00").to_pydatetime())
+    old = json.dumps({**item, "channel": "wire\ud800"})  # what json.dumps wrote: "wire\\ud800"
+    with store.engine.begin() as conn:
+        conn.execute(sa.text(f"UPDATE {scores.name} SET input_json = :v"), {"v": old})
+    assert store.replay("finance").event_rows[0]["channel"] == "wire\ud800"
+    assert store.export_scored_events("finance")["channel"].tolist() == ["wire\ud800"]
+    store.close()
