@@ -9,6 +9,9 @@ keys; rate limit off), then:
   ``--duration`` seconds -> p50/p90/p99 latency and requests/s. The users are ``wrk`` connections when
   ``wrk`` is installed (:mod:`bench.wrk_load`; a C client whose CPU does not compete with the server's like a
   Python client's), else Python threads with httpx (bounded by ``--max-requests``); ``--client`` chooses;
+* every single-item point also records the CPU time the server's processes spent per request
+  (``server_cpu_ms_per_request``, from ``/proc``): a request that reaches an idle server costs more CPU, not only
+  more waiting;
 * optionally a latency-vs-load curve: ``--curve 1:0,2:30,4:30`` adds one single-item run per ``users:think_ms``
   point (same generator, same duration);
 * ``--rate-limit R``: per worker count, a second server with the per-key rate limit on (rate and burst R, so
@@ -65,6 +68,23 @@ def new_events(domain: str, events: pd.DataFrame, n: int, label_col: str) -> pd.
     tail[col] = tail[col] + shift
     tail[ID_COL[domain]] = [f"B{i}-{time.time_ns()}" for i in range(len(tail))]
     return tail.reset_index(drop=True)
+
+
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and all its descendants (Linux ``/proc``; 0.0
+    elsewhere): the server's own cost of a load point, apart from the load generator's."""
+    total, todo = 0.0, [pid]
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # gone, or not Linux
+            continue
+    return total
 
 
 class Running:
@@ -332,12 +352,16 @@ def main(argv: list[str] | None = None) -> int:
                          *((f"curve_{users}u_{think:g}ms", users, think) for users, think in args.curve)]
                 for key, users, think in loads:
                     for name, srv in servers.items():  # interleaved: each point on every server in turn
+                        cpu_before = server_cpu_s(srv.proc.pid)
                         if use_wrk:
                             point = wrk_load.run(srv.url, ROUTE[domain], srv.keys[ROLE[domain]], items,
                                                  ID_COL[domain], users, args.duration, think_ms=think)
                         else:
                             point = single_load(srv, domain, items, users, args.duration, args.max_requests,
                                                 think_ms=think)
+                        if point.get("n"):  # CPU the server spent per request (all its processes)
+                            point["server_cpu_ms_per_request"] = (
+                                1000 * (server_cpu_s(srv.proc.pid) - cpu_before) / point["n"])
                         if srv is server:
                             res[key] = point
                         else:
@@ -356,8 +380,13 @@ def main(argv: list[str] | None = None) -> int:
                 for users, think in args.curve:
                     point = res[f"curve_{users}u_{think:g}ms"]
                     print(f"{domain}: {users} users, {think:g} ms think: {point['requests_per_s']:.0f} req/s, p50 "
-                          f"{point['p50_ms']:.1f} p90 {point['p90_ms']:.1f} p99 {point['p99_ms']:.1f} ms", flush=True)
+                          f"{point['p50_ms']:.1f} p90 {point['p90_ms']:.1f} p99 {point['p99_ms']:.1f} ms, server CPU "
+                          f"{point.get('server_cpu_ms_per_request', float('nan')):.2f} ms/request", flush=True)
                 one, paced = res["single_1_user"], res["single_paced"]
+                cpu = {k: res[k].get("server_cpu_ms_per_request", float("nan"))
+                       for k in ("single_1_user", "single_paced")}
+                print(f"{domain}: server CPU per request {cpu['single_1_user']:.2f} ms back to back, "
+                      f"{cpu['single_paced']:.2f} ms with think times", flush=True)
                 print(f"{domain}: single, 1 user: p50 {one['p50_ms']:.1f} ms p99 {one['p99_ms']:.1f} ms; "
                       f"{args.users} users with {args.think_ms:g} ms think time: p50 {paced['p50_ms']:.1f} ms "
                       f"p99 {paced['p99_ms']:.1f} ms ({paced['requests_per_s']:.0f} req/s); "
