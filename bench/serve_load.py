@@ -11,7 +11,7 @@ keys; rate limit off), then:
   Python client's), else Python threads with httpx (bounded by ``--max-requests``); ``--client`` chooses;
 * every single-item point also records the CPU time the server's processes spent per request
   (``server_cpu_ms_per_request``, from ``/proc``): a request that reaches an idle server costs more CPU, not only
-  more waiting;
+  more waiting; and, before any load, what an idle server costs (``server_idle_cpu_ms_per_s``, 5 s);
 * optionally a latency-vs-load curve: ``--curve 1:0,2:30,4:30`` adds one single-item run per ``users:think_ms``
   point (same generator, same duration);
 * ``--rate-limit R``: per worker count, a second server with the per-key rate limit on (rate and burst R, so
@@ -340,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
                 if args.rate_limit > 0:
                     servers[f"workers_{w}_limited"] = launch_server(root, env, keys, w, args.rate_limit)
             server = next(iter(servers.values()))
+            for name, srv in servers.items():  # what an idle server costs (background threads, event loop ticks)
+                before, idle_s = server_cpu_s(srv.proc.pid), 5.0
+                time.sleep(idle_s)
+                results.setdefault("server_idle_cpu_ms_per_s", {})[name] = (
+                    1000 * (server_cpu_s(srv.proc.pid) - before) / idle_s)
             for domain in ("customs", "finance"):
                 events, cases = events_and_cases(domain, data[domain])
                 label = "fraud" if domain == "customs" else "is_laundering"
