@@ -132,6 +132,22 @@ def test_errors_are_one_line_with_nonzero_exit(env: dict[str, str]) -> None:
     assert stray.returncode != 0 and "apply to --data" in stray.stderr and len(stray.stderr.strip().splitlines()) == 1
 
 
+def test_train_shows_its_metrics_when_tracking_fails(env: dict[str, str]) -> None:
+    """A run that trained and evaluated, then could not reach its MLflow server, still shows its metrics (the table
+    printed only after tracking), then the one-line error."""
+    from serving.local_server import free_port
+
+    root = Path(env["ROOT"])
+    data = root / "data-untracked"
+    run(env, "generate", "--domain", "customs", "--rows", "2000", "--seed", "4", "--out", str(data))
+    nowhere = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    failed = run(nowhere, "train", "--domain", "customs", "--data", str(data), "--num-threads", "1", ok=False)
+    assert failed.returncode == 1 and "PR-AUC" in failed.stdout and "test window" in failed.stdout, failed.stdout
+    lines = [line for line in failed.stderr.splitlines() if line.startswith("riskscore:")]
+    assert len(lines) == 1, failed.stderr
+
+
 def test_bare_groups_print_their_help_and_keys_list_says_how_to_start(env: dict[str, str], tmp_path: Path) -> None:
     for args in ((), ("keys",)):
         proc = run(env, *args)  # was "riskscore: Usage: ..." on stderr with exit 2

@@ -100,6 +100,8 @@ def train_cmd(ctx: click.Context, config_file: Path | None, **flags) -> None:
     """
     from training.pipeline import TRAIN_STAGES, load_config, read_toml, summary, train
 
+    evaluated: list = []  # the result once evaluated: its metrics are shown even if tracking then fails
+    show = True
     try:
         settings = read_toml(config_file) if config_file else {}
         given = {k: v for k, v in flags.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
@@ -123,6 +125,7 @@ def train_cmd(ctx: click.Context, config_file: Path | None, **flags) -> None:
         if overrides.pop("no_register", False):
             overrides["register"] = False
         config = load_config(config_file, **overrides)
+        show = not config.quiet
         stages = [s for s in TRAIN_STAGES if config.track or s not in ("tracking", "registry")]
         if not (config.track and config.register):
             stages = [s for s in stages if s != "registry"]
@@ -138,12 +141,15 @@ def train_cmd(ctx: click.Context, config_file: Path | None, **flags) -> None:
             def step(_done: str) -> None:
                 bar.update(1, next(ahead, None))
 
-            result = train(domain, data, config=replace(config, quiet=True), progress=step)
-        if not config.quiet:  # after the bar: the table does not share the terminal with it
+            result = train(domain, data, config=replace(config, quiet=True), progress=step,
+                           evaluated=evaluated.append)
+        if show:  # after the bar: the table does not share the terminal with it
             click.echo(summary(result))
     except click.ClickException:
         raise
     except Exception as err:
+        if evaluated and show:  # trained and evaluated, then tracking or registration failed: keep the metrics
+            click.echo(summary(evaluated[0]))
         raise click.ClickException(_one_line(err)) from err
 
 

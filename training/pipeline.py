@@ -484,10 +484,13 @@ TRAIN_STAGES = ("load", "features", "baseline", "lgbm_full", "lgbm_raw", "calibr
 
 
 def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = None,
-          progress: Callable[[str], None] | None = None) -> TrainResult:
+          progress: Callable[[str], None] | None = None,
+          evaluated: Callable[[TrainResult], None] | None = None) -> TrainResult:
     """Train, evaluate and (unless ``config.register`` is False) track and register a model of ``domain``.
 
-    ``progress`` is called with the name of each stage of :data:`TRAIN_STAGES` as it ends (a progress bar)."""
+    ``progress`` is called with the name of each stage of :data:`TRAIN_STAGES` as it ends (a progress bar);
+    ``evaluated`` with the result once its metrics exist, before tracking (a caller can still show them when
+    tracking fails)."""
     config = config or TrainConfig()
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -589,6 +592,8 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
         data=data, fs=fs, lgbm=full, search_log=search_log, fingerprint=fingerprint(data.events, fs),
         timings=timings,
     )
+    if evaluated is not None:
+        evaluated(result)
     if config.track:
         from training import tracking  # heavy imports (mlflow, shap) only when tracking
 
