@@ -52,6 +52,7 @@ def test_generate_features_train_score_evaluate(env: dict[str, str]) -> None:
 
     trained = run(env, "train", "--domain", "customs", "--data", str(root / "data"), "--num-threads", "1")
     assert "PR-AUC" in trained.stdout and "v1: promoted" in trained.stdout
+    assert "Created version" not in trained.stderr and "registered model" not in trained.stderr.lower()  # not mid-bar
 
     from features.datasets import load_dataset
 

@@ -7,10 +7,13 @@ and registered under :func:`riskscore.config.model_name` unless registration is 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -301,6 +304,27 @@ def pyfunc_package(root: Path) -> Path:
     return package
 
 
+class _WithoutRegistrationLines(io.TextIOBase):
+    """A stream that passes everything to ``target`` except MLflow's own registration lines ("Successfully
+    registered model ...", "Created version ..."), printed to stderr in the middle of ``train``'s progress bar;
+    the run prints its registration with the promotion decision instead."""
+
+    DROP = ("Successfully registered model ", "Created version ", "Registered model ")
+
+    def __init__(self, target):
+        self.target = target
+        self._dropped = False  # print() writes the newline separately: drop it too
+
+    def write(self, text: str) -> int:
+        dropped, self._dropped = self._dropped, text.startswith(self.DROP)
+        if not self._dropped and not (dropped and text == "\n"):
+            self.target.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
 def log_run(result: TrainResult) -> tuple[str, str | None]:
     """Log the run (params, metrics, tags, artifacts, pyfunc model); returns (run id, registered version)."""
     experiment_id = ensure_experiment(result.domain)
@@ -317,12 +341,13 @@ def log_run(result: TrainResult) -> tuple[str, str | None]:
             X_test, _ = result.window("test")
             sample = signature_frame(X_test[result.bundle.feature_names].head(200), list(result.bundle.categorical))
             signature = infer_signature(sample, predict_frame(result.bundle, sample))
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT, python_model=str(PYFUNC_CODE), artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
-                code_paths=[str(pyfunc_package(Path(tmp) / "code"))],
-                signature=signature, input_example=sample.head(5),
-                registered_model_name=name if result.config.register else None,
-                pip_requirements=pip_requirements(),
-            )
+            with contextlib.redirect_stderr(_WithoutRegistrationLines(sys.stderr)):
+                info = mlflow.pyfunc.log_model(
+                    name=MODEL_ARTIFACT, python_model=str(PYFUNC_CODE), artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+                    code_paths=[str(pyfunc_package(Path(tmp) / "code"))],
+                    signature=signature, input_example=sample.head(5),
+                    registered_model_name=name if result.config.register else None,
+                    pip_requirements=pip_requirements(),
+                )
         version = info.registered_model_version
         return run.info.run_id, (str(version) if version is not None else None)
