@@ -7,7 +7,8 @@ Learned risk covers broad groups (origin, route, HS6, HS chapter, office, tariff
 declared values (the same price, HS6 x price, price x mass: repeated consignments), each as a rate smoothed
 towards a fixed prior plus, for exact values, how many earlier outcomes it rests on. Counts and ages that
 would only grow with the length of the history are windowed (30/90 days) or capped, so the model sees the
-same distributions in training and in later windows.
+same distributions in training and in later windows; the exception is those outcome counts of exact values
+(``seen_*``), which grow with the history of outcomes.
 """
 
 from __future__ import annotations

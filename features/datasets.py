@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 
+from features.featureset import LABEL_KNOWN_AT
 from features.schemas import TABLES, DataValidationError, parse_table, validate_table
 
 DEFAULT_LABEL_DELAY_DAYS = {"customs": 0.0, "finance": 30.0}
@@ -315,21 +316,32 @@ def empty_cases() -> pd.DataFrame:
     })
 
 
-def _cases_frame(kind: str, ids: pd.Series, opened: pd.Series, delay: pd.Timedelta,
+def _cases_frame(kind: str, ids: pd.Series, opened: pd.Series, closed: pd.Series,
                  outcome: str | pd.Series, case_ids: pd.Series) -> pd.DataFrame:
     return pd.DataFrame({
         "case_id": case_ids.astype("string").to_numpy(),
         "entity_kind": kind,
         "entity_id": ids.astype("string").to_numpy(),
         "opened_at": opened.astype("datetime64[ns]").to_numpy(),
-        "closed_at": (opened + delay).astype("datetime64[ns]").to_numpy(),
+        "closed_at": closed.astype("datetime64[ns]").to_numpy(),
         "outcome": outcome if isinstance(outcome, str) else outcome.to_numpy(),
         "source": "derived",
     })
 
 
+def _known_at(events: pd.DataFrame, times: pd.Series, delay: pd.Timedelta) -> pd.Series:
+    """When the outcomes of ``events`` became known: event time + ``delay``, or the decision time in the
+    ``label_known_at`` column when later (reviewer outcomes; as :meth:`FeatureSet.label_known_at`)."""
+    known = (times + delay).astype("datetime64[ns]")
+    if LABEL_KNOWN_AT in events:
+        decided = pd.to_datetime(events[LABEL_KNOWN_AT]).astype("datetime64[ns]")
+        known = known.where(~(decided > known), decided)
+    return known
+
+
 def derive_cases(domain: str, events: pd.DataFrame, label_delay_days: float | None = None) -> pd.DataFrame:
-    """Cases implied by labelled events (see module docs); closed ``label_delay_days`` after opening.
+    """Cases implied by labelled events (see module docs); closed ``label_delay_days`` after opening, or when the
+    outcome was decided (``label_known_at``, reviewer outcomes) if that is later.
 
     customs: one case per labelled declaration for its importer, declarant and seller (when present),
     confirmed when ``fraud == 1`` else cleared. finance: one confirmed case per account involved in a
@@ -343,15 +355,19 @@ def derive_cases(domain: str, events: pd.DataFrame, label_delay_days: float | No
         for kind, col in (("importer", "importer_id"), ("declarant", "declarant_id"), ("seller", "seller_id")):
             sub = lab[lab[col].notna()]
             ids = kind + ":" + sub["declaration_id"].astype(str)
-            parts.append(_cases_frame(kind, sub[col], sub["date"], delay, outcome[sub.index], ids))
+            parts.append(_cases_frame(kind, sub[col], sub["date"], _known_at(sub, sub["date"], delay),
+                                      outcome[sub.index], ids))
     elif domain == "finance" and "is_laundering" in events:
         bad = events[events["is_laundering"].fillna(0) == 1]
+        known = _known_at(bad, bad["timestamp"], delay)
         ends = pd.concat([
-            pd.DataFrame({"entity_id": bad["source_account"], "t": bad["timestamp"]}),
-            pd.DataFrame({"entity_id": bad["target_account"], "t": bad["timestamp"]}),
+            pd.DataFrame({"entity_id": bad["source_account"], "t": bad["timestamp"], "known": known}),
+            pd.DataFrame({"entity_id": bad["target_account"], "t": bad["timestamp"], "known": known}),
         ])
-        first = ends.groupby("entity_id", sort=True, observed=True)["t"].min().reset_index()
-        parts.append(_cases_frame("account", first["entity_id"], first["t"], delay, "confirmed",
+        # opened at the account's first laundering transfer, closed when the first of their outcomes was known
+        first = ends.groupby("entity_id", sort=True, observed=True).agg(t=("t", "min"), known=("known", "min"))
+        first = first.reset_index()
+        parts.append(_cases_frame("account", first["entity_id"], first["t"], first["known"], "confirmed",
                                   "account:" + first["entity_id"].astype(str)))
     out = pd.concat([p for p in parts if len(p)] or parts[:1], ignore_index=True)
     for col in ("case_id", "entity_kind", "entity_id", "outcome", "source"):

@@ -911,15 +911,20 @@ CASE_COLUMNS = ["case_id", "entity_kind", "entity_id", "opened_at", "closed_at",
 
 
 def _cases(domain: str, decided: list[sa.Row]) -> pd.DataFrame:
+    """Reviewer cases of decided events: closed at the decision, but never before the event's own time. A decision
+    can carry an earlier time than the event (customs dates are midnight UTC, decided a few hours into that day in
+    an office east of UTC; a pre-lodged declaration), and features count cases closed strictly before an event:
+    the event would see its own outcome."""
     info = domain_info(domain)
     out = []
     for row in decided:
+        event_time = pd.Timestamp(row.input_json[info.time_col]).tz_localize(None).to_pydatetime()
         for kind, col in info.case_entities:
             if entity := row.input_json.get(col):
                 out.append({
                     "case_id": f"{row.score_id}:{col}", "entity_kind": kind, "entity_id": entity,
-                    "opened_at": row.created_at, "closed_at": row.decided_at, "outcome": row.outcome,
-                    "source": "reviewer", "note": row.note,
+                    "opened_at": row.created_at, "closed_at": max(row.decided_at, event_time),
+                    "outcome": row.outcome, "source": "reviewer", "note": row.note,
                 })
     frame = pd.DataFrame(out, columns=CASE_COLUMNS)
     for col in ("case_id", "entity_kind", "entity_id", "outcome", "source", "note"):

@@ -141,3 +141,45 @@ def test_negative_label_delay_is_refused(tmp_path):
     result = CliRunner().invoke(cli, ["train", "--domain", "customs", "--data", str(tmp_path),
                                       "--label-delay-days", "-1"])
     assert result.exit_code == 2 and "--label-delay-days" in result.output
+
+
+def test_an_outcome_is_never_seen_by_its_own_declaration(tmp_path):
+    """Customs dates are midnight UTC; a decision a few hours into that day in an office east of UTC carries an
+    earlier UTC time. Its case closed before the declaration, so the declaration's own case features counted its
+    own outcome (reviewer cases), and cases derived from labels closed at date + delay even when the label was
+    decided later (``label_known_at``). Both now close no earlier than the outcome could be known."""
+    import datetime as dt
+
+    from bench.common import api_items
+    from features.datasets import derive_cases
+    from serving.audit import AuditStore
+
+    events = declarations(100, seed=5)
+    own = events.iloc[[-1]].copy()
+    own["importer_id"] = pd.array(["IMX"], dtype="string")
+    own["fraud"] = pd.array([pd.NA], dtype="Int8")
+    day = own["date"].iloc[0].to_pydatetime()
+    store = AuditStore(f"sqlite:///{tmp_path / 'audit.db'}")
+    request = {"request_id": "r1", "created_at": day - dt.timedelta(hours=2), "domain": "customs",
+               "caller_key_id": "k1", "agency": "A", "idempotency_key": None, "body_sha256": "0" * 64, "items": 1}
+    store.record_scores(request, [{
+        "score_id": "s1", "request_id": "r1", "item_index": 0, "created_at": day - dt.timedelta(hours=2),
+        "domain": "customs", "event_id": own["declaration_id"].iloc[0], "caller_key_id": "k1", "agency": "A",
+        "model_name": "m", "model_version": "1", "input_json": api_items("customs", own)[0], "features_json": {},
+        "score": 0.9, "band": "high", "flagged": True, "threshold": 0.5, "explanation_json": {}}], {})
+    store.record_outcome("s1", "confirmed", None, "k1", "A", decided_at=day - dt.timedelta(hours=1))
+    reviewer = store.replay("customs").cases
+    store.close()
+    assert (reviewer["closed_at"] == pd.Timestamp(day)).all()
+    fs = feature_set(0.0)
+    f = fs.build(own, reviewer)
+    assert f["importer_confirmed_cases_90d"].iloc[0] == 0 and f["importer_fraud_rate"].iloc[0] == pytest.approx(PRIOR)
+
+    first = own.assign(declaration_id=pd.array(["K0"], dtype="string"), fraud=pd.array([1], dtype="Int8"))
+    later = own.assign(declaration_id=pd.array(["K1"], dtype="string"), date=own["date"] + pd.Timedelta(days=4))
+    both = pd.concat([first, later], ignore_index=True)
+    both["label_known_at"] = [own["date"].iloc[0] + pd.Timedelta(days=19), pd.NaT]  # decided after K1
+    f = fs.build(both, derive_cases("customs", both, 0.0))
+    assert f["importer_label_rate"].iloc[1] == pytest.approx(PRIOR)  # the label waits for its decision ...
+    assert f["importer_confirmed_cases_90d"].iloc[1] == 0  # ... and now so does its case
+    assert f["importer_fraud_rate"].iloc[1] == pytest.approx(PRIOR)
