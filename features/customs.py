@@ -52,8 +52,13 @@ def prepare_columns(decl: Columns) -> dict[str, np.ndarray]:
     out["tax_rate"] = float_values(decl["tax_rate"])
     out["log_price"] = np.log1p(price)
     out["log_mass"] = np.log1p(mass)
-    out["log_unit_price"] = out["log_price"] - out["log_mass"]
+    priced = (price > 0) & (mass > 0)  # a unit price needs both (NaN compares False)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["log_unit_price"] = np.where(  # a difference of logs: a ratio of extreme values overflows
+            priced, np.log(np.where(priced, price, 1.0)) - np.log(np.where(priced, mass, 1.0)), np.nan)
     out["log_unit_price_sq"] = out["log_unit_price"] ** 2
+    out["priced"] = priced.astype(np.float64)
+    out["price_key"] = np.where(price > 0, out["log_price"], np.nan)  # exact-value keys: a zero price is none
     out["route_differs"] = (out["country_departure"] != out["country_origin"]).astype(np.float64)
     out["has_courier"] = np.array([v is not None for v in out["courier_id"]], dtype=np.float64)
     out["has_seller"] = np.array([v is not None for v in out["seller_id"]], dtype=np.float64)
@@ -70,6 +75,7 @@ def sources(events=None, labels=None, cases=None) -> dict[str, pd.DataFrame]:
     out: dict[str, pd.DataFrame] = {}
     if events is not None:
         out["events"] = events
+        out["events:priced"] = priced(events)
     if labels is not None:
         out["labels"] = labels
     if cases is not None:
@@ -82,6 +88,19 @@ def sources(events=None, labels=None, cases=None) -> dict[str, pd.DataFrame]:
         for kind in ("importer", "declarant", "seller"):
             out[f"cases:{kind}"] = c[c["entity_kind"] == kind]
     return out
+
+
+def priced(events: Columns) -> Columns:
+    """Prepared declarations with a unit price (positive price and mass), the rows price norms are made of:
+    ``events`` itself when all have one, else a frame of those rows keeping their index (row positions for plain
+    columns)."""
+    has = np.asarray(events["priced"]) > 0
+    if has.all():
+        return events
+    keep = np.flatnonzero(has)
+    if isinstance(events, pd.DataFrame):
+        return events.iloc[keep]
+    return pd.DataFrame({col: np.asarray(values)[keep] for col, values in events.items()}, index=keep)
 
 
 def _entity(name: str, col: str) -> list:
@@ -100,10 +119,10 @@ def _learned(name: str, keys: tuple[str, ...]) -> Agg:
 
 
 # Exact-value keys of learned rates: (name, prepared columns, human-readable text).
-EXACT = (
-    ("price", ("log_price",), "same declared price"),
-    ("hs6_price", ("hs6", "log_price"), "same HS6 code and declared price"),
-    ("price_mass", ("log_price", "log_mass"), "same declared price and net mass"),
+EXACT = (  # price_key: the declared price when it is positive (every zero price is not one consignment)
+    ("price", ("price_key",), "same declared price"),
+    ("hs6_price", ("hs6", "price_key"), "same HS6 code and declared price"),
+    ("price_mass", ("price_key", "log_mass"), "same declared price and net mass"),
 )
 
 
@@ -116,10 +135,13 @@ SPECS = [
     Distinct("importer_sellers", "events", ("importer_id",), "seller_id", window=DAYS_90),
     Distinct("importer_declarants", "events", ("importer_id",), "declarant_id", window=DAYS_90),
     Distinct("seller_importers", "events", ("seller_id",), "importer_id", window=DAYS_90),
-    Agg("importer_hs6_hist", "events", ("importer_id", "hs6"), values=("log_unit_price",)),
-    Agg("norm_hs6", "events", ("hs6",), values=("log_unit_price", "log_unit_price_sq")),
-    Agg("norm_hs6_origin", "events", ("hs6", "country_origin"), values=("log_unit_price", "log_unit_price_sq")),
-    Agg("norm_hs4", "events", ("hs4",), values=("log_unit_price", "log_unit_price_sq")),
+    Agg("importer_hs6_hist", "events", ("importer_id", "hs6")),
+    # unit-price norms and history: only declarations with a unit price
+    Agg("importer_hs6_price", "events:priced", ("importer_id", "hs6"), values=("log_unit_price",)),
+    Agg("norm_hs6", "events:priced", ("hs6",), values=("log_unit_price", "log_unit_price_sq")),
+    Agg("norm_hs6_origin", "events:priced", ("hs6", "country_origin"),
+        values=("log_unit_price", "log_unit_price_sq")),
+    Agg("norm_hs4", "events:priced", ("hs4",), values=("log_unit_price", "log_unit_price_sq")),
     Agg("norm_hs6_90d", "events", ("hs6",), window=DAYS_90),
     Agg("norm_hs6_origin_90d", "events", ("hs6", "country_origin"), window=DAYS_90),
     Agg("norm_hs4_90d", "events", ("hs4",), window=DAYS_90),
@@ -180,7 +202,7 @@ def derive(f: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     out["seller_distinct_importers_90d"] = f["seller_importers"]
     out["importer_new_hs6"] = (f["importer_hs6_hist_n"] == 0).astype(np.float64)
     out["unit_price_vs_own_history"] = f["log_unit_price"] - _div(
-        f["importer_hs6_hist_log_unit_price"], f["importer_hs6_hist_n"])
+        f["importer_hs6_price_log_unit_price"], f["importer_hs6_price_n"])
     for norm, label in (("norm_hs6", "hs6"), ("norm_hs6_origin", "hs6_origin"), ("norm_hs4", "hs4")):
         dev, z = _price_z(f, norm)
         out[f"unit_price_dev_{label}"] = dev
@@ -199,7 +221,7 @@ FEATURES = [
     FeatureDef("tax_rate", "Tariff rate (%)"),
     FeatureDef("log_price", "Declared price (log)"),
     FeatureDef("log_mass", "Net mass (log kg)"),
-    FeatureDef("log_unit_price", "Unit price (log price per kg)"),
+    FeatureDef("log_unit_price", "Unit price (log of price per kg; missing without a positive price and mass)"),
     FeatureDef("route_differs", "Departure country differs from origin"),
     FeatureDef("has_courier", "Shipped by express courier"),
     FeatureDef("has_seller", "Seller declared"),
@@ -259,6 +281,6 @@ def feature_set(label_delay_days: float = 0.0) -> FeatureSet:
         domain="customs", id_col="declaration_id", time_col="date", label_col="fraud",
         entity_cols=("importer_id", "declarant_id", "seller_id"),
         prepare_columns=prepare_columns, sources=sources, specs=SPECS, derive=derive, features=FEATURES,
-        version="customs-2",
+        version="customs-3",  # 3: unit price = price / kg, norms only over priced declarations, no zero-price key
         label_delay=pd.Timedelta(days=label_delay_days),
     )

@@ -183,3 +183,33 @@ def test_an_outcome_is_never_seen_by_its_own_declaration(tmp_path):
     assert f["importer_label_rate"].iloc[1] == pytest.approx(PRIOR)  # the label waits for its decision ...
     assert f["importer_confirmed_cases_90d"].iloc[1] == 0  # ... and now so does its case
     assert f["importer_fraud_rate"].iloc[1] == pytest.approx(PRIOR)
+
+
+def test_unit_price_is_per_kg_and_zero_values_carry_no_price_signal():
+    """The unit price was log1p(price) - log1p(mass): far from log(price / kg) below a few kg (7% of the public
+    declarations) and finite at zero mass, so a zero-mass row looked 11 times overvalued and shifted the HS6 norm
+    for the rows after it. And every zero price shared one exact-value key, a "repeated consignment" across
+    importers and goods. Now the unit price is missing without a positive price and mass, norms hold only priced
+    declarations, and a zero price has no exact-value key."""
+    template = declarations(100, seed=7).iloc[[0]]
+
+    def row(i: int, day: int, price: float, mass: float, **other) -> pd.DataFrame:
+        out = template.assign(declaration_id=pd.array([f"U{i}"], dtype="string"), item_price=price, net_mass=mass,
+                              date=pd.Timestamp("2021-01-01") + pd.Timedelta(days=day), fraud=pd.array([0], "Int8"))
+        for col, value in other.items():
+            out[col] = pd.array([value], dtype=out[col].dtype)
+        return out
+
+    frames = [row(i, 1, 1000.0, 10.0) for i in range(5)]
+    frames += [row(5, 2, 1000.0, 0.0), row(6, 3, 1000.0, 10.0), row(7, 3, 1000.0, 0.5)]
+    frames += [row(8 + i, 4, 0.0, 10.0, importer_id=f"Z{i}", hs6=f"{100000 + i}", fraud=1) for i in range(3)]
+    frames += [row(11, 5, 0.0, 10.0, importer_id="Z9", hs6="199999")]
+    events = pd.concat(frames, ignore_index=True)
+    f = feature_set(0.0).build(events)
+    assert np.isnan(f["log_unit_price"].iloc[5]) and np.isnan(f["unit_price_z_hs6"].iloc[5])  # zero mass
+    assert f["log_unit_price"].iloc[6] == pytest.approx(np.log(100.0))
+    assert f["unit_price_dev_hs6"].iloc[6] == pytest.approx(0.0) and f["unit_price_z_hs6"].iloc[6] == pytest.approx(0)
+    assert f["log_unit_price"].iloc[7] == pytest.approx(np.log(2000.0))  # 0.5 kg: price per kg, not log1p's
+    assert f["seen_price"].iloc[11] == 0 and f["risk_price"].iloc[11] == pytest.approx(PRIOR)
+    online = feature_set(0.0).online(events.iloc[:11])
+    assert_same(online.features(events.iloc[[11]]), f.iloc[[11]], feature_set(0.0).categorical)
