@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from features.engine import Agg, Distinct, float_values, text_values, to_seconds
-from features.featureset import T_COL, Columns, FeatureDef, FeatureSet
+from features.featureset import T_COL, Columns, FeatureDef, FeatureSet, rows_where
 
 DAY = 86_400
 DAYS_30 = pd.Timedelta(days=30)
@@ -91,16 +91,8 @@ def sources(events=None, labels=None, cases=None) -> dict[str, pd.DataFrame]:
 
 
 def priced(events: Columns) -> Columns:
-    """Prepared declarations with a unit price (positive price and mass), the rows price norms are made of:
-    ``events`` itself when all have one, else a frame of those rows keeping their index (row positions for plain
-    columns)."""
-    has = np.asarray(events["priced"]) > 0
-    if has.all():
-        return events
-    keep = np.flatnonzero(has)
-    if isinstance(events, pd.DataFrame):
-        return events.iloc[keep]
-    return pd.DataFrame({col: np.asarray(values)[keep] for col, values in events.items()}, index=keep)
+    """Prepared declarations with a unit price (positive price and mass): the rows price norms are made of."""
+    return rows_where(events, np.asarray(events["priced"]) > 0)
 
 
 def _entity(name: str, col: str) -> list:

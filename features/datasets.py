@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 
-from features.featureset import LABEL_KNOWN_AT
+from features.featureset import label_known_at
 from features.schemas import TABLES, DataValidationError, parse_table, validate_table
 
 DEFAULT_LABEL_DELAY_DAYS = {"customs": 0.0, "finance": 30.0}
@@ -329,16 +329,6 @@ def _cases_frame(kind: str, ids: pd.Series, opened: pd.Series, closed: pd.Series
     })
 
 
-def _known_at(events: pd.DataFrame, times: pd.Series, delay: pd.Timedelta) -> pd.Series:
-    """When the outcomes of ``events`` became known: event time + ``delay``, or the decision time in the
-    ``label_known_at`` column when later (reviewer outcomes; as :meth:`FeatureSet.label_known_at`)."""
-    known = (times + delay).astype("datetime64[ns]")
-    if LABEL_KNOWN_AT in events:
-        decided = pd.to_datetime(events[LABEL_KNOWN_AT]).astype("datetime64[ns]")
-        known = known.where(~(decided > known), decided)
-    return known
-
-
 def derive_cases(domain: str, events: pd.DataFrame, label_delay_days: float | None = None) -> pd.DataFrame:
     """Cases implied by labelled events (see module docs); closed ``label_delay_days`` after opening, or when the
     outcome was decided (``label_known_at``, reviewer outcomes) if that is later.
@@ -355,11 +345,11 @@ def derive_cases(domain: str, events: pd.DataFrame, label_delay_days: float | No
         for kind, col in (("importer", "importer_id"), ("declarant", "declarant_id"), ("seller", "seller_id")):
             sub = lab[lab[col].notna()]
             ids = kind + ":" + sub["declaration_id"].astype(str)
-            parts.append(_cases_frame(kind, sub[col], sub["date"], _known_at(sub, sub["date"], delay),
+            parts.append(_cases_frame(kind, sub[col], sub["date"], label_known_at(sub, sub["date"], delay),
                                       outcome[sub.index], ids))
     elif domain == "finance" and "is_laundering" in events:
         bad = events[events["is_laundering"].fillna(0) == 1]
-        known = _known_at(bad, bad["timestamp"], delay)
+        known = label_known_at(bad, bad["timestamp"], delay)
         ends = pd.concat([
             pd.DataFrame({"entity_id": bad["source_account"], "t": bad["timestamp"], "known": known}),
             pd.DataFrame({"entity_id": bad["target_account"], "t": bad["timestamp"], "known": known}),

@@ -109,13 +109,8 @@ class FeatureSet:
         return {f.name: f.label for f in self.features}
 
     def label_known_at(self, labelled: pd.DataFrame) -> pd.Series:
-        """When the outcomes of ``labelled`` events became known: event time + the label delay, or the decision
-        time in :data:`LABEL_KNOWN_AT` when that is later (a reviewer's outcome is known from its decision)."""
-        known = labelled[self.time_col] + self.label_delay
-        if LABEL_KNOWN_AT in labelled:
-            decided = pd.to_datetime(labelled[LABEL_KNOWN_AT]).astype("datetime64[ns]")
-            known = known.where(~(decided > known), decided)
-        return known
+        """When the outcomes of ``labelled`` events became known (:func:`label_known_at`)."""
+        return label_known_at(labelled, labelled[self.time_col], self.label_delay)
 
     def prepared_labels(self, events: pd.DataFrame) -> pd.DataFrame:
         """Prepared labelled events stamped with the time their outcome became known (:meth:`label_known_at`)."""
@@ -203,6 +198,28 @@ class FeatureSet:
         if cases is not None and len(cases):
             state.ingest_cases(cases)
         return state
+
+
+def label_known_at(labelled: pd.DataFrame, times: pd.Series, delay: pd.Timedelta) -> pd.Series:
+    """When the outcomes of ``labelled`` events (at ``times``) became known: event time + ``delay``, or the decision
+    time in :data:`LABEL_KNOWN_AT` when that is later (a reviewer's outcome is known from its decision)."""
+    known = (times + delay).astype("datetime64[ns]")
+    if LABEL_KNOWN_AT in labelled:
+        decided = pd.to_datetime(labelled[LABEL_KNOWN_AT]).astype("datetime64[ns]")
+        known = known.where(~(decided > known), decided)
+    return known
+
+
+def rows_where(events: Columns, keep: np.ndarray) -> Columns:
+    """The prepared rows of ``events`` where ``keep`` holds, as a source of specs: ``events`` itself when it holds
+    everywhere, else a frame of those rows keeping their index (row positions for plain columns), which every
+    executor (batch, online, the service's path, Dask) takes as a subset of the events."""
+    if keep.all():
+        return events
+    rows = np.flatnonzero(keep)
+    if isinstance(events, pd.DataFrame):
+        return events.iloc[rows]
+    return pd.DataFrame({col: np.asarray(values)[rows] for col, values in events.items()}, index=rows)
 
 
 def _narrow(values: np.ndarray) -> tuple[np.ndarray, bool]:

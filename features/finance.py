@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from features.engine import Agg, Distinct, float_values, text_values, to_seconds
-from features.featureset import T_COL, Columns, FeatureDef, FeatureSet
+from features.featureset import T_COL, Columns, FeatureDef, FeatureSet, rows_where
 from features.graph import ConfirmedLinks, Cycle
 
 HOUR, DAY = 3_600, 86_400
@@ -60,15 +60,8 @@ def prepare_columns(tx: Columns) -> dict[str, np.ndarray]:
 
 
 def between_accounts(events: Columns) -> Columns:
-    """Prepared transfers without the self-transfers (the rows every history holds): ``events`` itself when it
-    has none, else a frame of the other rows keeping their index (row positions for plain columns)."""
-    own = np.asarray(events["self_transfer"]) > 0
-    if not own.any():
-        return events
-    keep = np.flatnonzero(~own)
-    if isinstance(events, pd.DataFrame):
-        return events.iloc[keep]
-    return pd.DataFrame({col: np.asarray(values)[keep] for col, values in events.items()}, index=keep)
+    """Prepared transfers without the self-transfers: the rows every history holds."""
+    return rows_where(events, np.asarray(events["self_transfer"]) == 0)
 
 
 def sources(events=None, labels=None, cases=None) -> dict[str, pd.DataFrame]:
