@@ -439,6 +439,29 @@ def test_reviewer_labels_follow_the_split_dates():
     assert split.ranges["train"][1] == pd.Timestamp("2023-01-10")
 
 
+def test_warmup_days_are_history_only():
+    """--warmup-days: events of the data's first days fit no window (their entities have no history yet) but stay
+    in the events, so later features still count them; a warm-up covering every labelled event is refused."""
+    from features.domains import feature_set
+    from training.pipeline import TrainData, make_split
+
+    fs = feature_set("customs")
+    times = pd.to_datetime("2023-01-01") + pd.to_timedelta(range(40), unit="D")
+    events = pd.DataFrame({fs.id_col: [f"D{i}" for i in range(40)], fs.time_col: times,
+                           fs.label_col: pd.array([i % 2 for i in range(40)], dtype="Int8")})
+    data = TrainData(events=events, cases=pd.DataFrame(), accounts=None, from_eval=np.zeros(40, bool), paths=[])
+    plain = make_split(data, fs, TrainConfig())
+    warm = make_split(data, fs, TrainConfig(warmup_days=10))
+    fitted = np.concatenate(list(warm.windows.values()))
+    assert sorted(fitted) == list(range(10, 40))  # day 10 is the first after the warm-up
+    assert warm.ranges["train"][0] == pd.Timestamp("2023-01-11")
+    assert list(warm.windows["test"]) == list(plain.windows["test"][-len(warm.windows["test"]):])
+    with pytest.raises(ValueError, match="warm-up of 40 days covers every labelled event"):
+        make_split(data, fs, TrainConfig(warmup_days=40))
+    with pytest.raises(ValueError, match="warmup_days"):
+        TrainConfig(warmup_days=-1)
+
+
 def test_champion_is_compared_only_where_it_is_comparable(first, customs_dir, tmp_path):
     """A challenger whose test window lies inside the champion's training data cannot beat it on in-sample scores:
     it is not compared there (no automatic promotion, the reason says why); nor is a champion whose features

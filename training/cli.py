@@ -74,6 +74,8 @@ def _one_line(err: Exception) -> str:
               help="Set the threshold for this precision instead of capacity.")
 @click.option("--label-delay-days", type=click.FloatRange(min=0),
               help="Days until an outcome is known (default: domain default).")
+@click.option("--warmup-days", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="Events of the data's first days are history only (their entities all look new).")
 @click.option("--search-trials", type=click.IntRange(min=0), default=0, show_default=True,
               help="Random-search LightGBM trials (best by validation PR-AUC).")
 @click.option("--search-seconds", type=click.FloatRange(min=0, min_open=True),

@@ -67,6 +67,8 @@ class TrainConfig:
     eval_path: str | None = None  # separate evaluation file = test window
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # train, validation, calibration, test
     split_dates: tuple[str, ...] | None = None  # explicit starts of validation, calibration, test
+    # events in the first days of the data are history only: there every entity looks new, unlike in service
+    warmup_days: float = 0.0
     eval_fractions: tuple[float, ...] = (0.7, 0.15, 0.15)  # train, validation, calibration of the train file
     search_trials: int = 0
     search_seconds: float | None = None
@@ -92,6 +94,8 @@ class TrainConfig:
         if self.search_trials < 0 or self.num_threads < 1 or (self.search_seconds is not None
                                                               and self.search_seconds <= 0):
             raise ValueError("search_trials must be >= 0, num_threads >= 1 and search_seconds > 0")
+        if self.warmup_days < 0:
+            raise ValueError(f"warmup_days must be >= 0 (got {self.warmup_days})")
         if self.engine not in ("pandas", "dask"):
             raise ValueError(f"engine must be pandas or dask, not {self.engine!r}")
         if self.scheduler and self.engine != "dask":
@@ -334,11 +338,18 @@ def make_split(data: TrainData, fs: FeatureSet, config: TrainConfig) -> Split:
     The windows are cut over the data's labels. Reviewer-labelled events (outcomes recorded through the service)
     were chosen for review by a model, mostly flagged ones, so they would bias calibration, the threshold and the
     test metrics: they fit the train and validation windows (by time) and, from the calibration window's start
-    on, stay history for features only."""
+    on, stay history for features only. Events of the first ``config.warmup_days`` of the data fit nothing either:
+    their entities have almost no history yet, which the service never sees once seeded with the data."""
+    times = pd.to_datetime(data.events[fs.time_col])
     labels = _labels(data.events, fs).notna().to_numpy()
+    if config.warmup_days:
+        warm = labels & (times >= times.min() + pd.Timedelta(days=config.warmup_days)).to_numpy()
+        if labels.any() and not warm.any():
+            raise ValueError(f"the warm-up of {config.warmup_days:g} days covers every labelled event "
+                             f"(the data spans {times.max() - times.min()})")
+        labels = warm
     by_reviewer = labels & data.reviewer_rows()
     labelled = labels & ~by_reviewer
-    times = pd.to_datetime(data.events[fs.time_col])
     if not config.eval_path:
         pos = np.flatnonzero(labelled)
         sp = time_split(times.iloc[pos], fractions=config.fractions, dates=config.split_dates)

@@ -220,6 +220,8 @@ def model_card(result: TrainResult, importance: pd.DataFrame | None) -> str:
     rows = [head, "|" + "---|" * (len(table.columns) + 1)]
     rows += [f"| {name} | " + " | ".join(f"{v:.4f}" for v in row) + " |" for name, row in table.iterrows()]
     windows = [f"- **{w}**: {d}" for w, d in result.split.describe().items()]
+    warmup = (f" Events of the first {cfg.warmup_days:g} days are history only (warm-up)." if cfg.warmup_days
+              else "")
     rule = (f"target precision {cfg.target_precision}" if cfg.target_precision is not None
             else f"review capacity top {cfg.capacity:.1%}")
     bands = ", ".join(f"{k} {v:.4f}" for k, v in result.bundle.bands.items())
@@ -237,7 +239,7 @@ the calibration window for a {rule}; bands (lower edges) {bands}.
 
 ## Data
 Data: {", ".join(Path(p).name for p in result.data.paths)} (fingerprint `{result.fingerprint[:16]}`), label
-`{result.fs.label_col}`, outcome delay {result.bundle.label_delay_days} days. Time windows (never random):
+`{result.fs.label_col}`, outcome delay {result.bundle.label_delay_days} days.{warmup} Time windows (never random):
 
 {chr(10).join(windows)}
 
