@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 
 from features.featureset import label_known_at
-from features.schemas import TABLES, DataValidationError, parse_table, validate_table
+from features.schemas import TABLES, Column, DataValidationError, parse_table, validate_table
 
 DEFAULT_LABEL_DELAY_DAYS = {"customs": 0.0, "finance": 30.0}
 AMLSIM_EPOCH = pd.Timestamp("2020-01-01")
@@ -144,8 +144,14 @@ def read_table(path: Path, table: str) -> pd.DataFrame:
     return conform_table(df, table, str(path))
 
 
-def _lossless(s: pd.Series, kind: str) -> pd.Series:
-    """``s`` in the contract dtype of ``kind``; raise TypeError when that would lose information."""
+def _lossless(s: pd.Series, col: Column) -> pd.Series:
+    """``s`` in the contract dtype of ``col``; raise TypeError when that would lose information."""
+    if col.day and pd.api.types.is_datetime64_any_dtype(s.dtype):
+        if getattr(s.dt, "tz", None) is not None:
+            s = s.dt.tz_localize(None)  # the day as written (features.schemas._parse_days)
+        if (s.dropna() != s.dropna().dt.normalize()).any():
+            raise TypeError("a calendar day cannot have a time of day")
+    kind = col.kind
     types = pd.api.types
     dtype = s.dtype
     if isinstance(dtype, pd.CategoricalDtype):
@@ -180,7 +186,7 @@ def conform_table(df: pd.DataFrame, table: str, source: str) -> pd.DataFrame:
     for col in TABLES[table]:
         if col.name in out.columns:
             try:
-                out[col.name] = _lossless(out[col.name], col.kind)
+                out[col.name] = _lossless(out[col.name], col)
             except TypeError as err:
                 problems.append(f"column '{col.name}': {err}")
     if problems:

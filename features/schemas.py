@@ -42,6 +42,7 @@ class Column:
     checks: tuple[pa.Check, ...] = field(default_factory=tuple)
     unique: bool = False
     description: str = ""
+    day: bool = False  # a calendar day (datetime kind): the date as written, a time of day is refused (as the API)
 
 
 def _cat(name: str, description: str, nullable: bool = False) -> Column:
@@ -54,7 +55,8 @@ BINARY = (pa.Check.isin([0, 1], error="must be 0 or 1"),)
 
 DECLARATION_COLUMNS: tuple[Column, ...] = (
     Column("declaration_id", "str", unique=True, description="Declaration line id"),
-    Column("date", "datetime", description="Declaration date"),
+    Column("date", "datetime", day=True,
+           description="Declaration date: a calendar day (a time must be midnight; an offset is ignored)"),
     _cat("office_id", "Customs office"),
     _cat("process_type", "Customs process type"),
     _cat("import_type", "Import type code"),
@@ -155,6 +157,8 @@ def _parse_times(raw: pd.Series, empty: pd.Series, col: Column, problems: list[s
     """ISO 8601 dates and times (naive = UTC, offsets converted to UTC). Other forms are refused rather than
     guessed: ``05/03/2020`` is 5 March or 3 May depending on the file's country."""
     text = raw.mask(empty, None)
+    if col.day:
+        return _parse_days(text, empty, col, problems)
     iso = text.str.fullmatch(f"{_ISO_DAY}(?:{_ISO_CLOCK}{_OFFSET}?)?").fillna(True).astype(bool)
     if not iso.all():
         problems.append(f"{_rows(~iso)}, column '{col.name}': unparsable date {text[~iso].iloc[0]!r} "
@@ -171,6 +175,21 @@ def _parse_times(raw: pd.Series, empty: pd.Series, col: Column, problems: list[s
         problems.append(f"{_rows(bad)}, column '{col.name}': unparsable date {raw[bad].iloc[0]!r}")
     if getattr(parsed.dt, "tz", None) is not None:
         parsed = parsed.dt.tz_convert("UTC").dt.tz_localize(None)
+    return parsed.astype("datetime64[ns]")
+
+
+def _parse_days(text: pd.Series, empty: pd.Series, col: Column, problems: list[str]) -> pd.Series:
+    """Calendar days: the date as written, as the scoring API reads it (a UTC offset does not move the day: a
+    declaration dated 25 June in its office is dated 25 June); any time of day other than midnight is refused."""
+    day = text.str.fullmatch(f"{_ISO_DAY}(?:[T ]00:00(?::00(?:\\.0+)?)?{_OFFSET}?)?").fillna(True).astype(bool)
+    if not day.all():
+        problems.append(f"{_rows(~day)}, column '{col.name}': {text[~day].iloc[0]!r} is not a date "
+                        "(a calendar day in ISO 8601, e.g. 2020-03-05; no time of day)")
+        return pd.Series(pd.NaT, index=text.index, dtype="datetime64[ns]")
+    parsed = pd.to_datetime(text.str.slice(0, 10), errors="coerce", format="%Y-%m-%d")
+    bad = parsed.isna() & ~empty
+    if bad.any():
+        problems.append(f"{_rows(bad)}, column '{col.name}': unparsable date {text[bad].iloc[0]!r}")
     return parsed.astype("datetime64[ns]")
 
 

@@ -111,6 +111,7 @@ def _utc_naive(value: dt.datetime) -> dt.datetime:
     _year_in_range(value.date())  # the year as sent (converting an out-of-range one to UTC can overflow)
     if value.tzinfo is not None:
         value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        _year_in_range(value)  # and the year stored: the audit store keeps UTC, validated again on replay
     return value
 
 

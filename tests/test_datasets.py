@@ -367,7 +367,32 @@ def test_file_problems_name_the_file(tmp_path: Path) -> None:
     dated = events.assign(date=events["date"].dt.date)  # object column of datetime.date, as Parquet date32 reads
     dated.to_parquet(tmp_path / "dated.parquet")
     assert load_dataset("customs", tmp_path / "dated.parquet").declarations["date"].equals(events["date"])
-    offsets = raw.assign(Date=[f"{d}T23:30:00-02:00" for d in raw["Date"]])
-    offsets.to_csv(tmp_path / "df_syn_z_eng.csv", index=False)
-    shifted = load_dataset("customs", tmp_path / "df_syn_z_eng.csv").declarations["date"]
-    assert (shifted.dt.hour == 1).all()  # 23:30 at UTC-2 is 01:30 UTC the next day
+
+def test_customs_dates_are_calendar_days_as_the_api_reads_them(tmp_path: Path) -> None:
+    """A declaration date is a calendar day: a UTC offset does not move it and a time of day is refused, in files
+    (CSV and Parquet) as in the scoring API. Offline, the offset used to shift the day (2023-06-25 at +05:00 was
+    scored on the 24th) and times were accepted that the API refuses."""
+    from pydantic import TypeAdapter
+
+    from serving.models import Day
+
+    raw = _raw(CUSTOMS_CSV)
+    midnight = raw.assign(Date=[f"{d}T00:00:00+05:00" for d in raw["Date"]])
+    midnight.to_csv(tmp_path / "df_syn_z_eng.csv", index=False)
+    days = load_dataset("customs", tmp_path / "df_syn_z_eng.csv").declarations["date"]
+    expected = pd.to_datetime(raw["Date"]).astype("datetime64[ns]")
+    assert days.equals(expected.rename("date"))
+    api = TypeAdapter(Day)
+    assert all(api.validate_python(text) == day.date() for text, day in zip(midnight["Date"], days, strict=True))
+    raw.assign(Date=[f"{d}T05:00:00" for d in raw["Date"]]).to_csv(tmp_path / "df_syn_z_eng.csv", index=False)
+    with pytest.raises(DataValidationError, match="column 'date': '.*T05:00:00' is not a date"):
+        load_dataset("customs", tmp_path / "df_syn_z_eng.csv")
+    with pytest.raises(ValueError, match="zero time"):
+        api.validate_python(f"{raw['Date'].iloc[0]}T05:00:00")
+    events = load_dataset("customs", CUSTOMS_CSV).declarations
+    aware = events.assign(date=events["date"].dt.tz_localize("Asia/Seoul"))
+    aware.to_parquet(tmp_path / "aware.parquet")
+    assert load_dataset("customs", tmp_path / "aware.parquet").declarations["date"].equals(events["date"])
+    events.assign(date=events["date"] + pd.Timedelta(hours=5)).to_parquet(tmp_path / "timed.parquet")
+    with pytest.raises(DataValidationError, match="calendar day cannot have a time of day"):
+        load_dataset("customs", tmp_path / "timed.parquet")

@@ -717,12 +717,15 @@ def test_an_event_scored_again_counts_once_as_after_a_restart(tmp_path):
 @pytest.mark.parametrize("field, value, message", [
     ("timestamp", "9999-12-31T23:59:59-01:00", "year must be between"),  # its UTC time overflowed: was a 500
     ("timestamp", "0001-01-01T00:00:00+01:00", "year must be between"),
+    # in range as sent, not in UTC, which the audit store keeps: its replay failed validation and broke the state
+    ("timestamp", "1990-01-01T01:00:00+05:00", "year must be between"),
+    ("timestamp", "2100-12-31T23:30:00-05:00", "year must be between"),
     ("timestamp", "1700000000", "ISO 8601 time"),  # a quoted number was read as a Unix time
     ("timestamp", "20230624", "ISO 8601 time"),
     ("amount", 1e308, "less than or equal to"),  # sums of such amounts overflow to infinity in the features
 ])
 def test_times_and_quantities_out_of_range_are_field_errors(field, value, message):
-    from serving.models import RequestError, parse_batch
+    from serving.models import RequestError, parse_batch, stored_item_columns
 
     item = {"transaction_id": "T-1", "timestamp": "2023-06-25T00:00:59", "source_account": "A1",
             "target_account": "B2", "amount": 9500.0, "currency": "USD", "channel": "wire",
@@ -732,8 +735,10 @@ def test_times_and_quantities_out_of_range_are_field_errors(field, value, messag
         parse_batch("finance", {"items": [{**item, field: value}]})
     assert err.value.status == 422 and err.value.detail[0]["loc"] == f"items.0.{field}"
     assert message in err.value.detail[0]["msg"]
-    offset = parse_batch("finance", {"items": [{**item, "timestamp": "1990-01-01T01:00:00+05:00"}]})[0]
-    assert offset.timestamp.isoformat() == "1989-12-31T20:00:00"  # the year sent is in range; UTC is stored
+    offset = parse_batch("finance", {"items": [{**item, "timestamp": "1990-01-01T06:00:00+05:00"}]})[0]
+    assert offset.timestamp.isoformat() == "1990-01-01T01:00:00"  # UTC is stored
+    stored = stored_item_columns("finance", [offset.model_dump(mode="json")])  # as the state replays it
+    assert stored["timestamp"][0] == np.datetime64("1990-01-01T01:00:00")
 
 
 def test_reviewer_label_counts_from_its_decision_in_training_as_in_serving(tmp_path, monkeypatch):
