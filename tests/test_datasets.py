@@ -385,7 +385,7 @@ def test_customs_dates_are_calendar_days_as_the_api_reads_them(tmp_path: Path) -
     api = TypeAdapter(Day)
     assert all(api.validate_python(text) == day.date() for text, day in zip(midnight["Date"], days, strict=True))
     raw.assign(Date=[f"{d}T05:00:00" for d in raw["Date"]]).to_csv(tmp_path / "df_syn_z_eng.csv", index=False)
-    with pytest.raises(DataValidationError, match="column 'date': '.*T05:00:00' is not a date"):
+    with pytest.raises(DataValidationError, match=r"column 'date': '.*T05:00:00' is not a date"):
         load_dataset("customs", tmp_path / "df_syn_z_eng.csv")
     with pytest.raises(ValueError, match="zero time"):
         api.validate_python(f"{raw['Date'].iloc[0]}T05:00:00")
