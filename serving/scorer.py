@@ -497,7 +497,9 @@ class ScorerRegistry:
     def reload(self, domains: list[str] | None = None, force: bool = False,
                replacing: DomainScorer | None = None) -> dict[str, Any]:
         """Load each domain's current champion; swap in a rebuilt scorer when the version changed (or ``force``).
-        ``replacing``: only if that scorer is still the live one (a stale scorer's rebuild)."""
+        ``replacing``: a stale scorer's rebuild, only if that scorer is still the live one, and with its own model:
+        a new champion is served only by a reload (an admin's, or one noticed by the version check), never by one
+        worker that happened to fail an audit write."""
         result: dict[str, Any] = {}
         with self._reload_lock:
             for domain in domains or self.domains:
@@ -505,7 +507,8 @@ class ScorerRegistry:
                 if replacing is not None and old is not replacing:
                     result[domain] = {"version": old.model_version, "changed": False}
                     continue
-                champion = load_champion(domain)
+                champion = ((old.bundle, old.model_name, old.model_version) if replacing is not None
+                            else load_champion(domain))
                 if not force and not old.stale and champion[2] == old.model_version and champion[1] == old.model_name:
                     result[domain] = {"version": old.model_version, "changed": False}
                     continue

@@ -837,6 +837,8 @@ def test_a_failed_audit_write_never_leaves_its_event_in_the_features(tmp_path, m
             with pytest.raises(OSError):
                 score(f"LOST-{failure}", 10)
             monkeypatch.setattr(*target, real)
+            # a new champion meanwhile: the rebuild keeps the failed scorer's model (only a reload switches)
+            monkeypatch.setattr(scorer_module, "load_champion", lambda domain: (None, "riskscore-finance", "2"))
             refused = 0
             deadline = time.monotonic() + 60
             while registry.get("finance") is failing:  # 503 while the one rebuild runs
@@ -847,6 +849,7 @@ def test_a_failed_audit_write_never_leaves_its_event_in_the_features(tmp_path, m
                 assert time.monotonic() < deadline, "the stale scorer was not replaced"
                 time.sleep(0.05)
             assert failing.retired and not registry.get("finance").stale
+            assert (registry.get("finance").bundle, registry.get("finance").model_version) == (bundle, "1")
         after = score("AFTER", 30)
         # the sender's transfers in the last hour: the history's last one only; neither lost event is counted
         assert after["src_out_count_1h"] == 1
