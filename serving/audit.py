@@ -795,16 +795,18 @@ class AuditStore:
         row = {"score_id": score_id, "outcome": outcome, "note": note, "decided_by": decided_by,
                "agency": agency, "decided_at": decided_at or utcnow()}
         same_event = scores.alias("same_event")
-        earlier = (sa.select(outcomes.c.score_id)
+        earlier = (sa.select(outcomes.c.score_id, outcomes.c.agency)
                    .join(same_event, outcomes.c.score_id == same_event.c.score_id)
                    .join(scores, sa.and_(scores.c.domain == same_event.c.domain,
                                          scores.c.event_id == same_event.c.event_id))
                    .where(scores.c.score_id == score_id).limit(1))
         try:
             with self.write_lock, self.engine.begin() as conn:
-                if (other := conn.execute(earlier).scalar()) is not None:
-                    raise OutcomeExists(f"score {score_id} already has an outcome" if other == score_id else
-                                        f"the event of score {score_id} already has an outcome (on score {other})")
+                if (other := conn.execute(earlier).first()) is not None:
+                    where = (f"on score {other.score_id}" if other.agency == agency
+                             else "recorded by another agency")  # whose score ids this reviewer may not see
+                    raise OutcomeExists(f"score {score_id} already has an outcome" if other.score_id == score_id
+                                        else f"the event of score {score_id} already has an outcome ({where})")
                 row["seq"] = conn.execute(outcomes.insert().values(**row)).inserted_primary_key[0]
         except IntegrityError:
             raise OutcomeExists(f"score {score_id} already has an outcome") from None

@@ -542,6 +542,8 @@ def test_one_label_per_event_in_training_and_serving(tmp_path, case):
         _audited_transfer(store, "s1", first, scored_at)
         with pytest.raises(OutcomeExists, match=r"already has an outcome \(on score s0\)"):
             store.record_outcome("s1", "cleared", None, "k1", "A", decided_at=decided_at)
+        with pytest.raises(OutcomeExists, match=r"already has an outcome \(recorded by another agency\)$"):
+            store.record_outcome("s1", "cleared", None, "k2", "B", decided_at=decided_at)  # never names A's score
         with store.engine.begin() as conn:  # a store written before the refusal: the first decision counts
             conn.execute(outcomes.insert().values(score_id="s1", outcome="cleared", note=None, decided_by="k1",
                                                   agency="A", decided_at=decided_at))
