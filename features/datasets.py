@@ -372,13 +372,20 @@ def derive_cases(domain: str, events: pd.DataFrame, label_delay_days: float | No
 
 
 def merge_cases(existing: pd.DataFrame | None, derived: pd.DataFrame) -> pd.DataFrame:
-    """``existing`` plus the derived cases it does not already cover (same case_id or same entity and opening)."""
+    """``existing`` plus the derived cases it does not already cover: the same case_id, or the same entity, opening
+    and outcome, one derived case per existing one (a customs importer has one derived case per declaration: one
+    external case of a day must not stand for all of that day's)."""
     if existing is None or not len(existing):
         return derived.reset_index(drop=True)
-    key = ["entity_kind", "entity_id", "opened_at"]
+    key = ["entity_kind", "entity_id", "opened_at", "outcome"]
+    text = {"entity_kind": "string", "entity_id": "string", "outcome": "string"}
     covered = derived["case_id"].isin(existing["case_id"]).to_numpy()
-    seen = pd.MultiIndex.from_frame(existing[key].astype({"entity_kind": "string", "entity_id": "string"}))
-    covered |= pd.MultiIndex.from_frame(derived[key]).isin(seen)
+    others = existing[~existing["case_id"].isin(derived["case_id"])][key].astype(text)
+    available = others.groupby(key, observed=True, dropna=False).size().rename("available")
+    open_ = derived.loc[~covered, key].astype(text)
+    rank = open_.groupby(key, observed=True, dropna=False).cumcount()
+    have = open_.join(available, on=key)["available"].fillna(0).to_numpy()
+    covered[~covered] = rank.to_numpy() < have
     out = pd.concat([existing, derived[~covered]], ignore_index=True)
     for col in ("source", "note"):
         if col in out:

@@ -294,6 +294,25 @@ def test_cases_file_merged_with_derived(tmp_path: Path, customs: CustomsData) ->
     assert mine["source"] == "reviewer" and mine["closed_at"] == pd.Timestamp("2020-02-01")
 
 
+def test_one_external_case_covers_one_derived_case(customs: CustomsData) -> None:
+    """An importer with two confirmed and one cleared declaration on one day has three derived cases; an external
+    case of that importer and day covers one of them with its outcome, never all three (every case of the day
+    matched on entity and opening, so the two confirmed cases vanished from the importer's record)."""
+    from features.datasets import derive_cases, merge_cases
+
+    day = customs.declarations.iloc[:3].assign(importer_id="IMP-X", date=pd.Timestamp("2024-01-01"),
+                                               fraud=pd.array([1, 1, 0], dtype="Int8"))
+    derived = derive_cases("customs", day)
+    external = derived[derived["entity_kind"] == "importer"].iloc[[2]].assign(case_id="ext1", source="reviewer")
+    assert external["outcome"].iloc[0] == "cleared"
+    merged = merge_cases(external, derived)
+    importer = merged[merged["entity_kind"] == "importer"]
+    assert sorted(importer["outcome"]) == ["cleared", "confirmed", "confirmed"]
+    assert "ext1" in set(importer["case_id"]) and len(merged) == len(derived)
+    twice = merge_cases(pd.concat([external, external.assign(case_id="ext2", outcome="confirmed")]), derived)
+    assert sorted(twice.loc[twice["entity_kind"] == "importer", "case_id"].str[:3]) == ["ext", "ext", "imp"]
+
+
 def test_unlabelled_data_has_no_cases(tmp_path: Path, customs: CustomsData) -> None:
     customs.declarations.drop(columns=["fraud", "critical_fraud"]).to_parquet(tmp_path / "declarations.parquet")
     data = load_dataset("customs", tmp_path)
