@@ -281,6 +281,19 @@ def test_shuffled_labels_give_chance_auc(store, tmp_path):
         assert abs(result.metrics["full"][window]["roc_auc"] - 0.5) < 0.05, window
 
 
+def test_shuffled_label_run_is_tracked_but_never_registered(store, customs_dir, monkeypatch):
+    """The shuffled-label check is tracked (its chance metrics are the evidence) but registers nothing: with an
+    empty registry its random model became the first champion of the domain."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("RISKSCORE_MODEL_CUSTOMS", "riskscore-customs-shuffled")
+    result = train("customs", customs_dir, config=replace(CONFIG, shuffle_labels=True))
+    assert result.run_id and result.model_version is None and result.promotion is None
+    client = MlflowClient()
+    assert client.get_run(result.run_id).data.tags["shuffled_labels"] == "true"
+    assert not client.search_registered_models("name = 'riskscore-customs-shuffled'")
+
+
 def test_shuffled_labels_leave_no_case_with_a_true_outcome(customs_dir):
     """Every case of the shuffled run comes from the shuffled labels: a reviewer's or a case file's case carries
     the true outcome of its entities, and kept, it let the true labels back into the features."""

@@ -129,7 +129,7 @@ def train_cmd(ctx: click.Context, config_file: Path | None, **flags) -> None:
         config = load_config(config_file, **overrides)
         show = not config.quiet
         stages = [s for s in TRAIN_STAGES if config.track or s not in ("tracking", "registry")]
-        if not (config.track and config.register):
+        if not config.registers:
             stages = [s for s in stages if s != "registry"]
         labels = {"load": "loading data", "features": "point-in-time features", "baseline": "baseline",
                   "lgbm_full": "LightGBM", "lgbm_raw": "raw-column LightGBM", "tracking": "MLflow run",

@@ -101,6 +101,12 @@ class TrainConfig:
         if self.scheduler and self.engine != "dask":
             raise ValueError("a Dask scheduler is only used with engine = dask (--engine dask)")
 
+    @property
+    def registers(self) -> bool:
+        """Whether the run registers its model: tracked, ``register`` and not a shuffled-label check (a model of
+        permuted labels must never become a challenger, let alone the first champion)."""
+        return self.track and self.register and not self.shuffle_labels
+
     def lgbm_config(self) -> LGBMConfig:
         return replace(self.lgbm, seed=self.seed, num_threads=self.num_threads)
 
@@ -610,7 +616,7 @@ def train(domain: str, data_path: str | Path, *, config: TrainConfig | None = No
 
         result.run_id, result.model_version = tracking.log_run(result)
         lap("tracking")
-    if config.track and config.register and result.model_version is not None:
+    if config.registers and result.model_version is not None:
         from training import registry
 
         result.promotion = registry.decide_promotion(result)

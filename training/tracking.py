@@ -348,7 +348,7 @@ def log_run(result: TrainResult) -> tuple[str, str | None]:
                     name=MODEL_ARTIFACT, python_model=str(PYFUNC_CODE), artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
                     code_paths=[str(pyfunc_package(Path(tmp) / "code"))],
                     signature=signature, input_example=sample.head(5),
-                    registered_model_name=name if result.config.register else None,
+                    registered_model_name=name if result.config.registers else None,
                     pip_requirements=pip_requirements(),
                 )
         version = info.registered_model_version
