@@ -93,9 +93,8 @@ def test_typology_recall_at_capacity():
 
 
 def test_edge_for_top_share_keeps_a_tie_across_the_cut_below_it():
-    assert edge_for_top_share(S, 0.20) == threshold_for_capacity(S, 0.20)  # no ties: the k-th score
+    assert edge_for_top_share(S, 0.20) == pytest.approx(np.sort(S)[::-1][3])  # no ties: the k-th score
     tied = np.r_[0.9, 0.6, 0.6, np.full(17, 0.1)]  # isotonic-like: one long run at the bottom
-    assert threshold_for_capacity(tied, 0.20) == 0.1  # flags all 20 rows
     assert edge_for_top_share(tied, 0.20) == 0.6 and (tied >= 0.6).sum() == 3
     assert edge_for_top_share(tied, 0.10) == 0.9  # the 0.6 pair crosses the 2-row cut
     assert edge_for_top_share(np.full(5, 0.3), 0.2) == 0.3  # one group: nothing smaller to choose
@@ -110,6 +109,10 @@ def test_thresholds():
     assert threshold_for_precision(Y, S, 0.75) == pytest.approx(S[3])
     assert threshold_for_precision(Y, S, 1.0) == pytest.approx(S[1])
     assert threshold_for_precision(np.zeros(20), S, 0.5) == pytest.approx(S[0])  # unreachable: smallest queue
+    # a threshold flags whole tie groups: one crossing the cut stays below it (it flagged 60% at capacity 30%)
+    tied = np.array([0.9, 0.8, 0.5, 0.5, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1])
+    assert threshold_for_capacity(tied, 0.3) == 0.8 and (tied >= 0.8).mean() <= 0.3
+    assert threshold_for_capacity(tied, 0.6) == 0.5  # the cut falls after the tie group: all of it
 
 
 def test_threshold_for_precision_flags_whole_tie_groups():

@@ -154,11 +154,12 @@ def capacity_key(capacity: float) -> str:
 
 
 def threshold_for_capacity(scores, capacity: float = 0.05) -> float:
-    """Score threshold flagging the top ``capacity`` share: the score of the ``ceil(capacity*n)``-th row."""
-    s = np.sort(np.asarray(scores, dtype=float))[::-1]
-    if len(s) == 0:
+    """Score threshold flagging at most the top ``capacity`` share (``ceil(capacity*n)`` rows): the score of that
+    row, or above it when a tie group crosses the cut (a threshold flags whole tie groups, and the review team
+    cannot take more than its capacity); see :func:`edge_for_top_share`."""
+    if len(np.asarray(scores)) == 0:
         raise ValueError("no scores to choose a threshold from")
-    return float(s[top_k(len(s), capacity) - 1])
+    return edge_for_top_share(scores, capacity)
 
 
 def edge_for_top_share(scores, share: float) -> float:
