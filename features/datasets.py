@@ -438,7 +438,7 @@ def load_dataset(domain: str, path: str | Path, label_delay_days: float | None =
     return FinanceData(transactions=events, accounts=accounts.reset_index(drop=True), cases=cases)
 
 
-def _given_cases(cases: pd.DataFrame) -> pd.DataFrame:
+def given_cases(cases: pd.DataFrame) -> pd.DataFrame:
     """The cases of a dataset that were not derived from its labels (a cases table, reviewer outcomes)."""
     if "source" not in cases:
         return cases
@@ -462,7 +462,7 @@ def load_datasets(domain: str, paths: Sequence[str | Path],
     frames = [d.declarations if domain == "customs" else d.transactions for d in loaded]
     events = pd.concat(frames, ignore_index=True).drop_duplicates(id_col, keep="last")
     events = _sort_events(events, time_col, id_col)
-    given = pd.concat([_given_cases(d.cases) for d in loaded], ignore_index=True)
+    given = pd.concat([given_cases(d.cases) for d in loaded], ignore_index=True)
     given = given.drop_duplicates("case_id", keep="last", ignore_index=True)
     cases = merge_cases(given, derive_cases(domain, events, label_delay_days))
     if domain == "customs":

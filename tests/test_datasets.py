@@ -415,3 +415,26 @@ def test_customs_dates_are_calendar_days_as_the_api_reads_them(tmp_path: Path) -
     events.assign(date=events["date"] + pd.Timedelta(hours=5)).to_parquet(tmp_path / "timed.parquet")
     with pytest.raises(DataValidationError, match="calendar day cannot have a time of day"):
         load_dataset("customs", tmp_path / "timed.parquet")
+
+
+def test_a_history_copy_dropped_for_the_scored_file_leaves_no_case(tmp_path: Path, customs: CustomsData) -> None:
+    """evaluate / score / drift: an event id in both the history and the scored file counts once, as the file's
+    event. The history copy was dropped but its derived cases stayed (a reused id at an earlier time, labelled
+    fraud, gave its importer a confirmed case the scored file does not have), and the file's own case was the one
+    discarded."""
+    from training.pipeline import TrainConfig, load_training_data
+
+    decl = customs.declarations
+    history, later = decl.iloc[:150].copy(), decl.iloc[150:].copy()
+    reused = later["declaration_id"].iloc[0]
+    history.loc[history.index[0], "declaration_id"] = reused  # the same id, earlier, another importer, fraud
+    history.loc[history.index[0], ["importer_id", "fraud"]] = ["IMP-OLD", 1]
+    later.loc[later.index[0], "fraud"] = 0
+    save_dataset(CustomsData(declarations=history, cases=customs.cases.iloc[:0]), tmp_path / "history")
+    save_dataset(CustomsData(declarations=later, cases=customs.cases.iloc[:0]), tmp_path / "later")
+    config = TrainConfig(eval_path=str(tmp_path / "later"), reviewer_outcomes=False, label_delay_days=0.0)
+    data = load_training_data("customs", tmp_path / "history", config, drop_overlap=True)
+    assert data.events["declaration_id"].tolist().count(reused) == 1 and data.overlap == 1
+    mine = data.cases.set_index("case_id").loc[f"importer:{reused}"]
+    assert mine["entity_id"] == later["importer_id"].iloc[0] and mine["outcome"] == "cleared"
+    assert "IMP-OLD" not in set(data.cases["entity_id"])

@@ -21,7 +21,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from features.datasets import EVENTS, derive_cases, load_dataset, load_datasets, merge_cases, read_table
+from features.datasets import (
+    EVENTS,
+    derive_cases,
+    given_cases,
+    load_dataset,
+    load_datasets,
+    merge_cases,
+    read_table,
+)
 from features.domains import events_of
 from features.domains import feature_set as domain_feature_set
 from features.featureset import FeatureSet
@@ -281,7 +289,12 @@ def load_training_data(domain: str, data_path: str | Path | Sequence[str | Path]
     dup = events[fs_id].duplicated()
     if dup.any():
         raise ValueError(f"event id {events.loc[dup, fs_id].iloc[0]!r} occurs in both the train and eval data")
-    cases = pd.concat([d.cases for d in datasets], ignore_index=True).drop_duplicates("case_id", ignore_index=True)
+    if len(datasets) == 1:
+        cases = first.cases
+    else:  # as load_datasets: cases implied by labels come from the events kept (a dropped copy's do not survive)
+        given = pd.concat([given_cases(d.cases) for d in datasets], ignore_index=True)
+        cases = merge_cases(given.drop_duplicates("case_id", keep="last", ignore_index=True),
+                            derive_cases(domain, events, config.label_delay_days))
     if config.cases_path:
         reviewer = read_table(Path(config.cases_path), "cases")
         cases = merge_cases(reviewer, cases)
@@ -295,7 +308,7 @@ def load_training_data(domain: str, data_path: str | Path | Sequence[str | Path]
     accounts = None
     if domain == "finance":
         accounts = pd.concat([d.accounts for d in datasets], ignore_index=True).drop_duplicates(
-            "account_id", ignore_index=True)
+            "account_id", keep="last", ignore_index=True)  # the evaluation file's copy wins (as load_datasets)
     from_eval = np.r_[np.zeros(n_first, bool), np.ones(len(events) - n_first - n_reviewed, bool),
                       np.zeros(n_reviewed, bool)]
     paths = [str(Path(p).resolve()) for p in data_paths]
