@@ -251,6 +251,21 @@ def test_drift_sees_features_that_sit_mostly_on_one_value_move():
     assert drift_report(old, pd.DataFrame({"x": [0.0, 2.0] * 50}), np.r_[[0.1] * 50, [0.9] * 50])["psi"].max() < 0.01
 
 
+def test_a_float32_reference_matches_the_services_float64_values():
+    """feature_dtype = "float32" builds the reference from float32 features; the service computes float64. A mass
+    point (a new entity's prior rate, 0.2) held as 0.20000000298 matched none of the service's 0.2 values, which
+    all fell into another bin: PSI far above retrain on an unchanged feature."""
+    from training.drift import drift_report, reference_profile
+
+    rng = np.random.default_rng(4)
+    values = np.where(rng.random(5000) < 0.6, 0.2, rng.random(5000))
+    ref = reference_profile(pd.DataFrame({"rate": values.astype(np.float32)}), rng.beta(1, 20, 5000), [],
+                            window="calibration")
+    same = np.where(rng.random(2000) < 0.6, 0.2, rng.random(2000))
+    report = drift_report(ref, pd.DataFrame({"rate": same}), None).set_index("name")
+    assert report.loc["rate", "psi"] < 0.02 and report.loc["rate", "status"] == "ok"
+
+
 def test_learned_rates_drift_up_to_watch_only():
     """A learned outcome rate (its values move as outcomes accrue) is reported, but never calls for retraining."""
     from training.drift import drift_report, drift_summary, reference_profile

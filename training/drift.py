@@ -37,7 +37,7 @@ def _profile(values: pd.Series, categorical: bool) -> dict:
     numeric = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
     finite = numeric[np.isfinite(numeric)]
     points = _mass_points(finite)
-    rest = finite[~np.isin(finite, points)]
+    rest = finite[_point_of(finite, points) < 0]
     edges = np.unique(np.quantile(rest, np.linspace(0, 1, BINS + 1)[1:-1])) if len(rest) else np.array([])
     return {"kind": "numeric", "points": points.tolist(), "edges": edges.tolist(),
             "shares": _numeric_shares(numeric, edges, points).tolist()}
@@ -53,13 +53,29 @@ def _mass_points(finite: np.ndarray) -> np.ndarray:
     return values[counts >= len(finite) / BINS]
 
 
+POINT_RTOL = 1e-6  # a mass point matches within float32 precision: a reference built from float32 features
+# (``feature_dtype = "float32"``) holds 0.2 as 0.20000000298, which the service's float64 0.2 must still match
+
+
+def _point_of(values: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Index of the mass point (sorted) each value equals within :data:`POINT_RTOL`, else -1."""
+    if not len(points) or not len(values):
+        return np.full(len(values), -1)
+    right = np.clip(np.searchsorted(points, values), 0, len(points) - 1)
+    left = np.clip(right - 1, 0, len(points) - 1)
+    nearest = np.where(np.abs(points[left] - values) <= np.abs(points[right] - values), left, right)
+    close = np.abs(points[nearest] - values) <= POINT_RTOL * np.maximum(1.0, np.abs(points[nearest]))
+    return np.where(close, nearest, -1)
+
+
 def _numeric_shares(values: np.ndarray, edges: np.ndarray, points: np.ndarray | None = None) -> np.ndarray:
     """Shares of: each mass point, the ranges between ``edges`` of the other values, missing (in that order)."""
-    points = np.array([]) if points is None else points
+    points = np.array([]) if points is None else np.asarray(points, dtype=np.float64)
     missing = ~np.isfinite(values)
     finite = values[~missing]
-    at_point = np.isin(finite, points)
-    point_counts = np.bincount(np.searchsorted(points, finite[at_point]), minlength=len(points))
+    point = _point_of(finite, points)
+    at_point = point >= 0
+    point_counts = np.bincount(point[at_point], minlength=len(points))
     bins = np.searchsorted(edges, finite[~at_point], side="right")
     counts = np.concatenate([point_counts, np.bincount(bins, minlength=len(edges) + 1), [missing.sum()]])
     return counts.astype(float) / max(len(values), 1)
