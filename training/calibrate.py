@@ -1,6 +1,6 @@
 """Isotonic calibration of the LightGBM raw margin, fitted on the calibration window only.
 
-The isotonic steps are made *strictly* increasing by a negligible tilt (at most ``TILT`` in probability)
+The isotonic steps are made *strictly* increasing by a negligible tilt (at most ``2 * TILT`` in probability)
 so that calibration never creates ties: ranking, top-n% queues and capacity thresholds stay those of the
 raw margin. Tails are extended linearly to 0 and 1 far outside the fitted margin range.
 """
