@@ -475,6 +475,38 @@ def test_warmup_days_are_history_only():
         TrainConfig(warmup_days=-1)
 
 
+def test_fitting_windows_hold_only_outcomes_known_before_the_test_window():
+    """Finance outcomes arrive 30 days after the transfer: a model deployed when the test window starts could not
+    have fitted, calibrated or set its threshold on the last 30 days' labels. They stay history; the fitting
+    windows are cut again over the rest. A reviewer label decided after the test start fits nothing either."""
+    from features.domains import feature_set
+    from features.featureset import LABEL_KNOWN_AT
+    from training.pipeline import TrainData, make_split
+
+    fs = feature_set("finance")  # label delay 30 days
+    days = list(range(200))
+    times = pd.to_datetime("2023-01-01") + pd.to_timedelta([*days, 50, 60], unit="D")
+    events = pd.DataFrame({fs.id_col: [f"T{i}" for i in range(len(times))], fs.time_col: times,
+                           fs.label_col: pd.array([i % 2 for i in range(len(times))], dtype="Int8")})
+    decided = [pd.NaT] * 200 + [pd.Timestamp("2023-03-01"), pd.Timestamp("2023-12-31")]  # before / after test
+    events[LABEL_KNOWN_AT] = pd.to_datetime(pd.Series(decided)).astype("datetime64[ns]")
+    data = TrainData(events=events, cases=pd.DataFrame(), accounts=None, from_eval=np.zeros(len(times), bool),
+                     paths=[], reviewed=2)
+    split = make_split(data, fs, TrainConfig())
+    test_start = times[split.windows["test"]].min()
+    assert test_start == pd.Timestamp("2023-01-01") + pd.Timedelta(days=170)  # the test window as without delay
+    fitted = np.concatenate([split.windows[w] for w in ("train", "validation", "calibration")])
+    assert times[fitted].max() + pd.Timedelta(days=30) < test_start
+    assert split.embargoed == 30  # the data's days 140..169
+    assert 200 in fitted and 201 not in fitted  # the reviewer label decided after the test start fits nothing
+    sizes = split.sizes()
+    assert sizes["calibration"] == 140 - round(0.75 / 0.85 * 140)  # cut again in the configured proportions
+    at_once = make_split(data, feature_set("finance", 0.0), TrainConfig())  # outcomes known at the event
+    assert at_once.embargoed == 0 and 201 not in np.concatenate(list(at_once.windows.values()))
+    with pytest.raises(ValueError, match="outcomes known only after the test window starts"):
+        make_split(data, feature_set("finance", 400.0), TrainConfig())
+
+
 def test_champion_is_compared_only_where_it_is_comparable(first, customs_dir, tmp_path):
     """A challenger whose test window lies inside the champion's training data cannot beat it on in-sample scores:
     it is not compared there (no automatic promotion, the reason says why); nor is a champion whose features

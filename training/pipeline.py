@@ -358,7 +358,8 @@ def make_split(data: TrainData, fs: FeatureSet, config: TrainConfig) -> Split:
     were chosen for review by a model, mostly flagged ones, so they would bias calibration, the threshold and the
     test metrics: they fit the train and validation windows (by time) and, from the calibration window's start
     on, stay history for features only. Events of the first ``config.warmup_days`` of the data fit nothing either:
-    their entities have almost no history yet, which the service never sees once seeded with the data."""
+    their entities have almost no history yet, which the service never sees once seeded with the data. Nor do
+    events whose outcome was known only after the test window starts (:func:`_known_before_test`)."""
     times = pd.to_datetime(data.events[fs.time_col])
     labels = _labels(data.events, fs).notna().to_numpy()
     if config.warmup_days:
@@ -369,25 +370,59 @@ def make_split(data: TrainData, fs: FeatureSet, config: TrainConfig) -> Split:
         labels = warm
     by_reviewer = labels & data.reviewer_rows()
     labelled = labels & ~by_reviewer
+    known = fs.label_known_at(data.events).to_numpy("datetime64[ns]")
     if not config.eval_path:
         pos = np.flatnonzero(labelled)
         sp = time_split(times.iloc[pos], fractions=config.fractions, dates=config.split_dates)
-        return _with_reviewer_labels({k: pos[v] for k, v in sp.windows.items()}, by_reviewer, times,
-                                     config.split_dates)
-    test = np.flatnonzero(labelled & data.from_eval)
-    if not len(test):
-        raise ValueError("the evaluation file has no labelled events")
-    # Fitting windows end before the test window starts: labelled events of the other data at or after it stay
-    # history for features but fit nothing.
-    before_test = (times < times.iloc[test].min()).to_numpy()
-    pos = np.flatnonzero(labelled & ~data.from_eval & before_test)
-    if not len(pos):
-        raise ValueError("no labelled training events before the evaluation file's first event")
-    sp = time_split(times.iloc[pos], fractions=config.eval_fractions, dates=config.split_dates,
-                    names=("train", "validation", "calibration"))
-    windows = {k: pos[v] for k, v in sp.windows.items()}
-    windows["test"] = test
-    return _with_reviewer_labels(windows, by_reviewer, times, config.split_dates)
+        windows = {k: pos[v] for k, v in sp.windows.items()}
+        fit_fractions, fit_dates = config.fractions[:3], (config.split_dates or ())[:2] or None
+    else:
+        test = np.flatnonzero(labelled & data.from_eval)
+        if not len(test):
+            raise ValueError("the evaluation file has no labelled events")
+        # Fitting windows end before the test window starts: labelled events of the other data at or after it
+        # stay history for features but fit nothing.
+        before_test = (times < times.iloc[test].min()).to_numpy()
+        pos = np.flatnonzero(labelled & ~data.from_eval & before_test)
+        if not len(pos):
+            raise ValueError("no labelled training events before the evaluation file's first event")
+        sp = time_split(times.iloc[pos], fractions=config.eval_fractions, dates=config.split_dates,
+                        names=FIT_WINDOWS)
+        windows = {k: pos[v] for k, v in sp.windows.items()}
+        windows["test"] = test
+        fit_fractions, fit_dates = config.eval_fractions, config.split_dates
+    test_start = times.iloc[windows["test"]].min().to_datetime64()
+    windows, embargoed = _known_before_test(windows, known, test_start, times, fit_fractions, fit_dates,
+                                            fs.label_delay)
+    split = _with_reviewer_labels(windows, by_reviewer & (known < test_start), times, config.split_dates)
+    return replace(split, embargoed=embargoed)
+
+
+FIT_WINDOWS = ("train", "validation", "calibration")
+
+
+def _known_before_test(windows: dict[str, np.ndarray], known: np.ndarray, test_start: np.datetime64,
+                       times: pd.Series, fractions: Sequence[float], dates: Sequence[str] | None,
+                       delay: pd.Timedelta) -> tuple[dict[str, np.ndarray], int]:
+    """The fitting windows cut again over the labelled events whose outcome was known before the test window
+    starts, and how many were left out. A model deployed then could not have fitted on the others (a finance
+    outcome arrives 30 days after the transfer): fitting, calibrating and choosing the threshold on them made
+    the test metrics optimistic. With outcomes known at event time (customs' default) nothing changes."""
+    fit = np.sort(np.concatenate([windows[w] for w in FIT_WINDOWS]))
+    late = known[fit] >= test_start
+    if not late.any():
+        return windows, 0
+    keep = fit[~late]
+    why = (f"{int(late.sum())} of {len(fit)} labelled fitting events have outcomes known only after the test "
+           f"window starts ({pd.Timestamp(test_start)}; label delay {delay.total_seconds() / 86_400:g} days)")
+    if not len(keep):
+        raise ValueError(f"{why}: nothing is left to fit; give more history before the test window or a shorter "
+                         "--label-delay-days")
+    try:
+        sp = time_split(times.iloc[keep], fractions=fractions, dates=dates, names=FIT_WINDOWS)
+    except ValueError as err:
+        raise ValueError(f"{why}, and without them {err}") from None
+    return {**{w: keep[v] for w, v in sp.windows.items()}, "test": windows["test"]}, int(late.sum())
 
 
 def _with_reviewer_labels(windows: dict[str, np.ndarray], by_reviewer: np.ndarray, times: pd.Series,

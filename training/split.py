@@ -23,6 +23,7 @@ class Split:
 
     windows: dict[str, np.ndarray]
     ranges: dict[str, tuple[pd.Timestamp, pd.Timestamp]]
+    embargoed: int = 0  # labelled events left out of the fitting windows: outcome known only after the test start
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.windows[name]

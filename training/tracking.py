@@ -116,6 +116,7 @@ def run_tags(result: TrainResult) -> dict[str, str]:
         "rows_reviewer_outcomes_fitted": str(int(sum(result.data.reviewer_rows()[result.split[w]].sum()
                                                      for w in ("train", "validation")))),
         "rows_scored_by_service": str(result.data.reviewed),
+        "rows_outcome_after_test_start": str(result.split.embargoed),
         "cases_reviewer": str(int((result.data.cases.get("source") == "reviewer").sum())
                               if "source" in result.data.cases else 0),
     }
@@ -222,6 +223,9 @@ def model_card(result: TrainResult, importance: pd.DataFrame | None) -> str:
     windows = [f"- **{w}**: {d}" for w, d in result.split.describe().items()]
     warmup = (f" Events of the first {cfg.warmup_days:g} days are history only (warm-up)." if cfg.warmup_days
               else "")
+    if result.split.embargoed:
+        warmup += (f" {result.split.embargoed} labelled events before the test window are history only: their "
+                   "outcomes were known only after it started.")
     rule = (f"target precision {cfg.target_precision}" if cfg.target_precision is not None
             else f"review capacity top {cfg.capacity:.1%}")
     bands = ", ".join(f"{k} {v:.4f}" for k, v in result.bundle.bands.items())
