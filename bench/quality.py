@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default="customs,amlsim,synthetic",
                         help="comma-separated subset of customs,amlsim,synthetic")
     parser.add_argument("--no-track", action="store_true", help="no MLflow runs at all (faster)")
+    parser.add_argument("--warmup-days", type=float, default=0.0,
+                        help="train --warmup-days: the data's first days are history only")
     args = parser.parse_args(argv[1:])
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
 
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
         os.environ["RISKSCORE_HOME"] = str(work / "home")
         base = TrainConfig(seed=args.seed, num_threads=args.threads, register=False, track=not args.no_track,
-                           quiet=True)
+                           quiet=True, warmup_days=args.warmup_days)
         started = time.perf_counter()
         parts = [
             "# Model quality: full pipeline vs baseline and raw-column LightGBM",
