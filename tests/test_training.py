@@ -520,6 +520,11 @@ def test_champion_is_compared_only_where_it_is_comparable(first, customs_dir, tm
     inside = train("customs", tmp_path / "early.parquet", config=CONFIG)
     assert inside.promotion["decision"] == "challenger" and inside.promotion["champion"] is None
     assert "fitted on events up to" in inside.promotion["reason"], inside.promotion["reason"]
+    barely = events[events["date"] <= pd.Timestamp(first.bundle.fitted_until) + pd.Timedelta(days=3)]
+    barely.to_parquet(tmp_path / "barely.parquet")
+    few = train("customs", tmp_path / "barely.parquet", config=CONFIG)
+    assert few.promotion["decision"] == "challenger" and "too few to compare on" in few.promotion["reason"], \
+        few.promotion["reason"]
     delayed = train("customs", customs_dir, config=replace(CONFIG, label_delay_days=5.0))
     assert delayed.promotion["decision"] == "challenger" and "label delay" in delayed.promotion["reason"]
     assert client().get_model_version_by_alias(NAME, "champion").version == champion

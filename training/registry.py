@@ -116,6 +116,9 @@ def fitted_until(bundle: ModelBundle, mv: ModelVersion) -> pd.Timestamp | None:
     return max(pd.Timestamp(e) for e in ends) if ends else None
 
 
+MIN_COMPARED_PER_CLASS = 10  # below this many positives (or negatives) PR-AUC and precision are mostly noise
+
+
 def decide_promotion(result: TrainResult) -> dict:
     """Apply the promotion rule to the run's newly registered version and record the decision."""
     client = connect()
@@ -139,9 +142,11 @@ def decide_promotion(result: TrainResult) -> dict:
         until = fitted_until(old, current)
         unseen = times > np.datetime64(until) if until is not None else np.ones(len(times), bool)
         why_not = _not_comparable(old, result.bundle)
-        if why_not is None and len(np.unique(y_test[unseen])) < 2:
-            why_not = (f"was fitted on events up to {until}, which leaves no test events of both classes after "
-                       "it to compare on")
+        positives, negatives = int((y_test[unseen] == 1).sum()), int((y_test[unseen] == 0).sum())
+        if why_not is None and min(positives, negatives) < MIN_COMPARED_PER_CLASS:
+            why_not = (f"was fitted on events up to {until}, which leaves {positives} positive and {negatives} "
+                       f"negative test events after it: too few to compare on (at least {MIN_COMPARED_PER_CLASS} "
+                       "of each)")
         if why_not is not None:
             promote_it = False
             reason = f"champion v{current.version} {why_not}: not comparable; promote by hand if intended"
